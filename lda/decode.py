@@ -1,0 +1,258 @@
+"""The synchronized-KV decode loop.
+
+Reads like gpt-fast: prefill both models once, then loop sample -> yield -> stop check ->
+decode_one_token. Each model keeps its own KV cache on the same token sequence. Rows
+(prompts x alphas x samples) decode together, left-padded; a finished row is dropped from
+the batch and from both caches so it stops costing work.
+
+The loop talks to the models through `LogitsSource`, so adapter mode (one model, adapter
+off/on as two rows of one forward) plugs in as another source without touching the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lda.sampling import SamplingParams, logit_diff, sample
+
+
+class LogitsSource(Protocol):
+    """Where per-step logits come from. Returns (after, before) as [B, V]; before may be None."""
+
+    device: torch.device
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def decode_one_token(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def keep_rows(self, rows: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class Row:
+    """One decoded sequence: its prompt ids, amplification and seed."""
+
+    prompt_ids: tuple[int, ...]
+    alpha: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_ids: frozenset[int]
+    stop: tuple[str, ...] = ()
+    details: bool = False
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    after: float
+    before: float | None
+    amplified: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A sampled token and the text it made safe to show (may be empty)."""
+
+    row: int
+    token_id: int
+    text: str
+
+
+@dataclass
+class RowOutput:
+    row: int
+    token_ids: list[int]
+    text: str
+    tokens_generated: int
+    finish_reason: str  # "eos" | "stop" | "length"
+    logprobs: list[TokenLogprobs] | None = None
+    tail: str = ""  # text held back from the token events (a stop-string prefix); stream it last
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.finish_reason != "length"
+
+
+class TextTracker:
+    """Incremental detokenization with stop strings.
+
+    Text that might still become a stop string, or that ends in half a UTF-8 character, is
+    held back from streaming until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (newly safe text, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = text[:cut]
+            return self.flush(), True
+        self.text = text
+        safe = len(text) - self._held_back(text)
+        delta = text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+    def _held_back(self, text: str) -> int:
+        if text.endswith("\ufffd"):
+            return len(text) - self.emitted
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts; positions count real tokens only so padding never shifts RoPE."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class _RowState:
+    row: int
+    tracker: TextTracker
+    generated: int = 0
+    logprobs: list[TokenLogprobs] | None = field(default=None)
+
+    def output(self, reason: str) -> RowOutput:
+        tail = self.tracker.flush()
+        return RowOutput(
+            row=self.row,
+            token_ids=list(self.tracker.ids),
+            text=self.tracker.text,
+            tokens_generated=self.generated,
+            finish_reason=reason,
+            logprobs=self.logprobs,
+            tail=tail,
+        )
+
+
+def _logprobs(
+    token: int, i: int, after: torch.Tensor, before: torch.Tensor | None, amplified: torch.Tensor
+) -> TokenLogprobs:
+    def lp(t: torch.Tensor) -> float:
+        return float(t[i].float().log_softmax(-1)[token])
+
+    return TokenLogprobs(token, lp(after), None if before is None else lp(before), lp(amplified))
+
+
+def decode(
+    source: LogitsSource, tokenizer: Any, rows: Sequence[Row], config: DecodeConfig
+) -> Iterator[TokenEvent | RowOutput]:
+    """Decode all rows together; yields each token as it is sampled and each row as it ends.
+
+    The consumer may stop iterating at any point (cancellation); nothing is left held.
+    """
+    if not rows:
+        raise ValueError("decode needs at least one row")
+    if any(len(r.prompt_ids) == 0 for r in rows):
+        raise ValueError("every row needs at least one prompt token")
+    device = source.device
+    ids, mask, positions = left_pad([r.prompt_ids for r in rows], config.pad_id, device)
+    generators = [_generator(r.seed, device) for r in rows]
+    alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
+    states = [_RowState(i, TextTracker(tokenizer, config.stop)) for i in range(len(rows))]
+    for s in states:
+        s.logprobs = [] if config.details else None
+    active = list(range(len(rows)))  # batch position -> row index
+    last_pos = positions[:, -1:]  # [B, 1]
+
+    after, before = source.prefill(ids, mask, positions)
+    for _ in range(config.max_new_tokens):
+        amplified = logit_diff(after, before, alphas)  # [B, V] fp32
+        keep: list[int] = []
+        next_tokens: list[int] = []
+        for i, row in enumerate(active):
+            state = states[row]
+            token = sample(amplified[i], config.sampling, generators[row])
+            state.generated += 1
+            if state.logprobs is not None:
+                state.logprobs.append(_logprobs(token, i, after, before, amplified))
+            if token in config.eos_ids:
+                yield state.output("eos")
+                continue
+            text, hit_stop = state.tracker.push(token)
+            yield TokenEvent(row, token, text)
+            if hit_stop:
+                yield state.output("stop")
+            elif state.generated >= config.max_new_tokens:
+                yield state.output("length")
+            else:
+                keep.append(i)
+                next_tokens.append(token)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            source.keep_rows(index)
+            mask, last_pos, alphas = mask[index], last_pos[index], alphas[index]
+            active = [active[i] for i in keep]
+        tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(-1)  # [B, 1]
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=-1)
+        last_pos = last_pos + 1
+        after, before = source.decode_one_token(tokens, mask, last_pos)
+
+
+def collect(events: Iterator[TokenEvent | RowOutput], n_rows: int) -> list[RowOutput]:
+    """Run a decode to the end and return its rows in order."""
+    outputs: list[RowOutput | None] = [None] * n_rows
+    for event in events:
+        if isinstance(event, RowOutput):
+            outputs[event.row] = event
+    assert all(o is not None for o in outputs), "decode ended with unfinished rows"
+    return outputs  # type: ignore[return-value]

@@ -1,0 +1,63 @@
+"""Logits sources for the decode loop: one or two Hugging Face causal LMs with KV caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model's input ids must be on (the embedding's, also under device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def logits_width(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class ModelSource:
+    """`after` and optionally `before`, each with its own cache on the same token sequence.
+
+    With `before=None` it decodes one model alone (the `/generate` route and baselines).
+    """
+
+    def __init__(self, after: Any, before: Any | None = None, width: int | None = None) -> None:
+        self.models = [after] if before is None else [after, before]
+        self.device = input_device(after)
+        self.width = width or min(logits_width(m) for m in self.models)
+        self.caches = [DynamicCache() for _ in self.models]
+
+    @torch.no_grad()
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = []
+        for model, cache in zip(self.models, self.caches):
+            dev = input_device(model)
+            out = model(
+                input_ids=input_ids.to(dev),
+                attention_mask=attention_mask.to(dev),
+                position_ids=position_ids.to(dev),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits.append(out.logits[:, -1, : self.width].float().to(self.device))  # [B, V]
+        return logits[0], (logits[1] if len(logits) > 1 else None)
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.caches = [DynamicCache() for _ in self.models]
+        return self._forward(input_ids, attention_mask, position_ids)
+
+    def decode_one_token(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._forward(tokens, attention_mask, position_ids)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.batch_select_indices(rows.to(cache.layers[0].keys.device))
