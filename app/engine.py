@@ -1,0 +1,137 @@
+"""The one worker thread that owns the device.
+
+Route handlers validate, submit a job and await its future (or its event stream); they never
+touch torch on the event loop. A bounded queue makes overload visible at once (429) instead of
+piling up latency. Every job gets a cancel flag that long work checks between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue is full; the client should retry later."""
+
+
+class Job:
+    """A unit of device work plus the way back to the event loop that submitted it."""
+
+    def __init__(self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.events: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
+        self._cancel = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def emit(self, item: Any) -> None:
+        """Called on the worker thread: hand one streamed item to the event loop."""
+        if self.events is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            except RuntimeError:
+                self.cancel()
+
+    def _settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if not self.future.done():
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(result)
+            if self.events is not None:
+                self.events.put_nowait(_DONE)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop closed (shutdown): nobody is waiting any more
+            pass
+
+
+class Engine:
+    """A bounded FIFO of jobs run one at a time on a dedicated thread."""
+
+    def __init__(self, queue_size: int, on_change: Callable[[int, int], None] | None = None) -> None:
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._on_change = on_change or (lambda waiting, running: None)
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.warning("engine queue still full at shutdown; not waiting for it")
+            return
+        self._thread.join(timeout)
+
+    def submit(self, fn: Callable[[Job], Any], stream: bool = False) -> Job:
+        job = Job(fn, asyncio.get_running_loop(), stream)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError(f"the engine queue is full ({self._queue.maxsize} waiting)") from None
+        self._on_change(self.waiting, self.running)
+        return job
+
+    async def run(self, fn: Callable[[Job], Any]) -> Any:
+        """Submit and await the result; a cancelled await (client gone) cancels the job."""
+        job = self.submit(fn)
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    async def stream(self, job: Job) -> AsyncIterator[Any]:
+        """Items a streaming job emits, then its result raised or returned via `job.future`."""
+        assert job.events is not None
+        while True:
+            item = await job.events.get()
+            if item is _DONE:
+                return
+            yield item
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled:
+                job._settle(error=asyncio.CancelledError())
+                continue
+            self.running = 1
+            self._on_change(self.waiting, self.running)
+            try:
+                job._settle(result=job.fn(job))
+            except BaseException as exc:  # handed to the awaiting request, never kills the worker
+                job._settle(error=exc)
+            finally:
+                self.running = 0
+                self._on_change(self.waiting, self.running)

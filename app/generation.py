@@ -1,0 +1,177 @@
+"""Request -> library calls -> response, run on the engine thread.
+
+Turns a validated request into decode rows (prompts x alphas x n), runs the decode loop,
+emits stream events, checks the cancel flag between tokens, and builds the response body.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from lda import LDAModelPair, Row, RowOutput, SamplingParams, Side, TokenEvent
+from lda.pair import full_text
+
+from app.engine import Job
+from app.schemas import GenerateRequest, LDARequest, SamplingFields
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    prompt_index: int
+    alpha: float
+    sample_index: int
+    seed: int
+
+
+@dataclass
+class Usage:
+    """What the route reports to metrics after the job."""
+
+    first_token_at: float | None = None
+    tokens: int = 0
+
+
+def sampling_params(req: SamplingFields) -> SamplingParams:
+    temperature = req.temperature if req.do_sample else 0.0
+    return SamplingParams(temperature=temperature, top_k=req.top_k, top_p=req.top_p)
+
+
+def base_seed(req: SamplingFields) -> int:
+    return req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
+
+
+def run_events(
+    job: Job, events: Iterator[TokenEvent | RowOutput], n_rows: int, usage: Usage, on_event: Callable[[Any], None]
+) -> list[RowOutput] | None:
+    """Drain a decode, forwarding events; None when the job was cancelled part-way."""
+    outputs: list[RowOutput | None] = [None] * n_rows
+    for event in events:
+        if isinstance(event, TokenEvent):
+            if usage.first_token_at is None:
+                usage.first_token_at = time.perf_counter()
+            usage.tokens += 1
+        else:
+            outputs[event.row] = event
+        on_event(event)
+        if job.cancelled:
+            events.close()  # type: ignore[attr-defined]
+            return None
+    return outputs  # type: ignore[return-value]
+
+
+def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+    """The engine job for `/generate_lda` (streaming or not)."""
+
+    def run(job: Job) -> dict[str, Any] | None:
+        formatted, rows, metas = [], [], []
+        seed0 = base_seed(req)
+        for p_i, prompt in enumerate(req.prompt_list):
+            text, ids = pair.prompt_ids(prompt, req.system_prompt, req.apply_chat_template)
+            formatted.append(text)
+            for alpha in req.alpha_list:
+                for k in range(req.n):
+                    seed = seed0 + len(rows)
+                    rows.append(Row(ids, alpha, seed))
+                    metas.append(RowMeta(p_i, alpha, k, seed))
+        config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, req.details)
+
+        def forward(event: Any) -> None:
+            if isinstance(event, TokenEvent) and event.text:
+                job.emit({"event": "token", "row": event.row, "token_id": event.token_id, "text": event.text})
+            elif isinstance(event, RowOutput) and event.tail:
+                job.emit({"event": "token", "row": event.row, "token_id": None, "text": event.tail})
+
+        outputs = run_events(job, pair.lda_events(rows, config), len(rows), usage, forward)
+        if outputs is None:
+            return None
+        return lda_response(pair, req, formatted, metas, outputs)
+
+    return run
+
+
+def lda_response(
+    pair: LDAModelPair, req: LDARequest, formatted: list[str], metas: list[RowMeta], outputs: list[RowOutput]
+) -> dict[str, Any]:
+    tok = pair.after.tokenizer
+    results = []
+    for meta, out in zip(metas, outputs):
+        details = None
+        if out.logprobs is not None:
+            details = [
+                {
+                    "token_id": lp.token_id,
+                    "token": tok.convert_ids_to_tokens(lp.token_id),
+                    "logprob_after": lp.after,
+                    "logprob_before": lp.before,
+                    "logprob_amplified": lp.amplified,
+                }
+                for lp in out.logprobs
+            ]
+        results.append(
+            {
+                "prompt_index": meta.prompt_index,
+                "prompt": req.prompt_list[meta.prompt_index],
+                "formatted_prompt": formatted[meta.prompt_index],
+                "alpha": meta.alpha,
+                "sample_index": meta.sample_index,
+                "seed": meta.seed,
+                "completion": out.text,
+                "text": full_text(tok, formatted[meta.prompt_index], out),
+                "tokens_generated": out.tokens_generated,
+                "stopped_early": out.stopped_early,
+                "finish_reason": out.finish_reason,
+                "details": details,
+            }
+        )
+    first = results[0]
+    return {
+        "prompt": first["prompt"],
+        "formatted_prompt": first["formatted_prompt"],
+        "completion": first["completion"],
+        "text": first["text"],
+        "alpha": first["alpha"],
+        "model_after": pair.after.model_id,
+        "model_before": pair.before.model_id,
+        "tokens_generated": first["tokens_generated"],
+        "stopped_early": first["stopped_early"],
+        "results": results,
+    }
+
+
+def generate_job(pair: LDAModelPair, req: GenerateRequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+    """The engine job for `/generate`: each model alone, with its own tokenizer and template."""
+
+    def run(job: Job) -> dict[str, Any] | None:
+        seed = base_seed(req)
+        sides: list[dict[str, Any]] = []
+        for side in (pair.after, pair.before):
+            out = _single(job, pair, side, req, seed, usage)
+            if out is None:
+                return None
+            sides.append(out)
+        return {"prompt": req.prompt, "model_1": sides[0], "model_2": sides[1]}
+
+    return run
+
+
+def _single(
+    job: Job, pair: LDAModelPair, side: Side, req: GenerateRequest, seed: int, usage: Usage
+) -> dict[str, Any] | None:
+    formatted, ids = pair.prompt_ids(req.prompt, req.system_prompt, req.apply_chat_template, side=side)
+    config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
+    events = pair.single_events(side, [Row(ids, 0.0, seed)], config)
+    outputs = run_events(job, events, 1, usage, lambda event: None)
+    if outputs is None:
+        return None
+    out = outputs[0]
+    return {
+        "model_id": side.model_id,
+        "completion": out.text,
+        "text": full_text(side.tokenizer, formatted, out),
+        "tokens_generated": out.tokens_generated,
+        "stopped_early": out.stopped_early,
+    }

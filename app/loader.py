@@ -1,0 +1,46 @@
+"""Turn settings into a loaded model pair (the embedded demo pair when no ids are given)."""
+
+from __future__ import annotations
+
+import logging
+
+from lda import LDAModelPair, LoadConfig, load_model, load_tokenizer
+from lda.pair import Side
+
+from app.demo import DemoPaths, ensure_demo_pair
+from app.settings import DEMO, Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_config(settings: Settings) -> LoadConfig:
+    return LoadConfig(
+        device=settings.device,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+def load_pair(settings: Settings) -> tuple[LDAModelPair, DemoPaths | None]:
+    """Load both models; `demo` on either side means that side of the embedded demo pair."""
+    after_id, before_id = settings.model_after_id, settings.model_before_id
+    paths, demo = {}, None
+    if DEMO in (after_id, before_id):
+        demo = ensure_demo_pair(settings.data_dir)
+        paths = {"after": str(demo.after), "before": str(demo.base)}
+    cfg = load_config(settings)
+    sides = []
+    for name, model_id, tok_cls in (
+        ("after", after_id, settings.tokenizer_class_after),
+        ("before", before_id, settings.tokenizer_class_before),
+    ):
+        source = paths[name] if model_id == DEMO else model_id
+        label = f"demo/{name}" if model_id == DEMO else model_id
+        log.info("loading %s model %s", name, source)
+        tokenizer = load_tokenizer(source, tok_cls, settings.trust_remote_code)
+        sides.append(Side(label, load_model(source, cfg), tokenizer))
+    pair = LDAModelPair(sides[0], sides[1])
+    if pair.compatibility.warning:
+        log.warning("tokenizer compatibility: %s", pair.compatibility.warning)
+    return pair, demo

@@ -1,0 +1,76 @@
+"""The FastAPI application: lifespan (engine + model loading), middleware, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+from app.engine import Engine
+from app.errors import install_error_handlers
+from app.loader import load_pair
+from app.metrics import Metrics
+from app.routes import router
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("app")
+
+Loader = Callable[[Settings], Any]
+
+
+async def _load(app: FastAPI, loader: Loader) -> None:
+    """Load on the engine thread so the event loop keeps answering /health and /ready."""
+    try:
+        pair, demo = await app.state.engine.run(lambda job: loader(app.state.settings))
+    except Exception as exc:
+        log.exception("model loading failed")
+        app.state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    app.state.demo = demo
+    app.state.pair = pair
+    log.info("ready: after=%s before=%s", pair.after.model_id, pair.before.model_id)
+
+
+def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> FastAPI:
+    """Build the app. Tests pass their own settings and a loader for tiny local models."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine.start()
+        task = asyncio.create_task(_load(app, loader))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.to_thread(app.state.engine.stop)
+
+    app = FastAPI(
+        title="Model diffing service",
+        description="Logit diff amplification, amplified LoRA merges and batched weight diffs over HTTP.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = Engine(settings.queue_size, metrics.engine_changed)
+    app.state.pair = None
+    app.state.demo = None
+    app.state.load_error = None
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    return app

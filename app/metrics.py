@@ -1,0 +1,33 @@
+"""Prometheus metrics, named like vLLM's where a counterpart exists."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """One registry per app instance, so tests can build many apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lda_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.waiting = Gauge("lda_num_requests_waiting", "jobs queued for the engine", registry=r)
+        self.running = Gauge("lda_num_requests_running", "jobs running on the engine", registry=r)
+        self.ttft = Histogram(
+            "lda_time_to_first_token_seconds", "request arrival to first token", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "lda_e2e_request_latency_seconds", "request arrival to last token", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokens = Counter("lda_generation_tokens", "tokens generated", ["route"], registry=r)
+        self.rejected = Counter("lda_queue_rejections", "requests refused with 429 (queue full)", registry=r)
+
+    def engine_changed(self, waiting: int, running: int) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,128 @@
+"""Request and response bodies. Seed field names are kept; extensions are optional."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Prompt = Annotated[str, Field(min_length=1)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by every generation route."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_new_tokens: int = Field(80, ge=1, description="tokens to generate at most (server limit applies)")
+    temperature: FiniteFloat = Field(0.8, ge=0.0, description="0 = greedy")
+    top_p: FiniteFloat = Field(0.95, gt=0.0, le=1.0, description="nucleus mass, HF semantics")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    do_sample: bool = Field(True, description="false = greedy, whatever the temperature")
+    seed: int | None = Field(None, ge=0, le=2**62, description="row i uses seed + i; omitted = random")
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    stop: list[StopString] = Field(default_factory=list, description="stop strings (not included in the text)")
+
+
+class LDARequest(SamplingFields):
+    prompt: Prompt | None = Field(None, description="the user message (seed field)")
+    prompts: list[Prompt] | None = Field(None, min_length=1, description="several prompts instead of `prompt`")
+    alpha: FiniteFloat = Field(1.0, description="amplification; 0 = after model, -1 = before model")
+    alphas: list[FiniteFloat] | None = Field(None, min_length=1, description="several alphas instead of `alpha`")
+    n: int = Field(1, ge=1, description="samples per (prompt, alpha)")
+    stream: bool = Field(False, description="Server-Sent Events: token events, then one result event")
+    details: bool = Field(False, description="per-token ids and logprobs under before / after / amplified")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LDARequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of `prompt` or `prompts`")
+        if self.alphas is not None and "alpha" in self.model_fields_set:
+            raise ValueError("give `alpha` or `alphas`, not both")
+        return self
+
+    @property
+    def prompt_list(self) -> list[str]:
+        return self.prompts if self.prompts is not None else [self.prompt]  # type: ignore[list-item]
+
+    @property
+    def alpha_list(self) -> list[float]:
+        return self.alphas if self.alphas is not None else [self.alpha]
+
+
+class GenerateRequest(SamplingFields):
+    prompt: Prompt
+
+
+class TokenDetail(BaseModel):
+    token_id: int
+    token: str
+    logprob_after: float
+    logprob_before: float | None
+    logprob_amplified: float
+
+
+class LDARow(BaseModel):
+    prompt_index: int
+    prompt: str
+    formatted_prompt: str
+    alpha: float
+    sample_index: int
+    seed: int
+    completion: str
+    text: str
+    tokens_generated: int
+    stopped_early: bool
+    finish_reason: str = Field(description="eos | stop | length")
+    details: list[TokenDetail] | None = None
+
+
+class LDAResponse(BaseModel):
+    prompt: str
+    formatted_prompt: str
+    completion: str
+    text: str
+    alpha: float
+    model_after: str
+    model_before: str
+    tokens_generated: int
+    stopped_early: bool
+    results: list[LDARow]
+
+
+class ModelCompletion(BaseModel):
+    model_id: str
+    completion: str
+    text: str
+    tokens_generated: int
+    stopped_early: bool
+
+
+class GenerateResponse(BaseModel):
+    prompt: str
+    model_1: ModelCompletion
+    model_2: ModelCompletion
+
+
+class TokenizerCompatibilityResponse(BaseModel):
+    compatible: bool
+    vocab_size_1: int
+    vocab_size_2: int
+    vocabs_match: bool
+    warning: str | None
+    special_tokens_match: bool
+    logits_width_1: int
+    logits_width_2: int
+    shared_width: int

@@ -1,0 +1,65 @@
+"""Process settings, read once from the environment (and `.env` when present)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO = "demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    model_after_id: str = Field(DEMO, description="post-trained model: local dir, hub id, or 'demo'")
+    model_before_id: str = Field(DEMO, description="base model: local dir, hub id, or 'demo'")
+    tokenizer_class_after: str | None = Field(None, description="tokenizer class override, e.g. LlamaTokenizer")
+    tokenizer_class_before: str | None = Field(None, description="tokenizer class override for the base")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = "auto"
+    device_map: str | None = Field(None, description="accelerate device_map (e.g. auto) for large models")
+    trust_remote_code: bool = False
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Field(Path("data"), description="demo pair cache, jobs, compiled adapters")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
+    max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
+    max_stop_strings: int = Field(16, ge=0)
+    queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
+
+    @field_validator("model_after_id", "model_before_id")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        return v.strip() or DEMO
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+
+    @property
+    def demo(self) -> bool:
+        return self.model_after_id == DEMO and self.model_before_id == DEMO
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each bad variable, for the start-up message."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+        parts.append(f"{name}={err.get('input')!r}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from lda import LDAModelPair, Side  # noqa: E402
+from tests.tiny import save, tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def after_model(tokenizer):
+    return tiny_llama(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def before_model(tokenizer):
+    return tiny_llama(tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pair(after_model, before_model, tokenizer):
+    return LDAModelPair(Side("tiny/after", after_model, tokenizer), Side("tiny/before", before_model, tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, after_model, before_model, tokenizer):
+    root = tmp_path_factory.mktemp("tiny")
+    return save(after_model, tokenizer, root / "after"), save(before_model, tokenizer, root / "before")
