@@ -60,6 +60,8 @@ def _settings(request: Request) -> Settings:
 
 
 def check_limits(settings: Settings, req: SamplingFields, rows: int) -> None:
+    if "max_new_tokens" not in req.model_fields_set:  # the default never exceeds the server's limit
+        req.max_new_tokens = min(req.max_new_tokens, settings.max_new_tokens_limit)
     if req.max_new_tokens > settings.max_new_tokens_limit:
         raise ValueError(
             f"max_new_tokens must be <= {settings.max_new_tokens_limit}, got {req.max_new_tokens}"
