@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh Linux machine with Python 3.11+:
+#   make serve   start the server on the embedded demo pair at http://127.0.0.1:8000
+#   make test    run the test suite
+# Both create .venv and install the pinned dependencies first (once).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench install clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m app
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m tests.benchmarks.bench_lda
+
+clean:
+	rm -rf $(VENV) data .pytest_cache
