@@ -1,0 +1,51 @@
+"""Amplified LoRA merges: diffing-toolkit amplification configs, their resolution to per-layer,
+per-module weights, and the toolkit's organism -> adapter lookup. No FastAPI import."""
+
+from amplification.config import (
+    CUSTOM_ORGANISM,
+    MODULE_KINDS,
+    PRESETS_DIR,
+    AmplificationConfig,
+    AmplifiedAdapter,
+    ConfigError,
+    LayerAmplification,
+    LayerRange,
+    ModuleAmplification,
+    load_preset,
+    preset_names,
+)
+from amplification.organisms import OrganismRegistry, adapter_reference, custom_reference, is_custom
+from amplification.resolve import (
+    decoder_layers,
+    entry_weights,
+    module_kinds,
+    num_layers,
+    resolve_adapter,
+    resolve_config,
+    resolve_layers,
+)
+
+__all__ = [
+    "CUSTOM_ORGANISM",
+    "MODULE_KINDS",
+    "PRESETS_DIR",
+    "AmplificationConfig",
+    "AmplifiedAdapter",
+    "ConfigError",
+    "LayerAmplification",
+    "LayerRange",
+    "ModuleAmplification",
+    "OrganismRegistry",
+    "adapter_reference",
+    "custom_reference",
+    "decoder_layers",
+    "entry_weights",
+    "is_custom",
+    "load_preset",
+    "module_kinds",
+    "num_layers",
+    "preset_names",
+    "resolve_adapter",
+    "resolve_config",
+    "resolve_layers",
+]
