@@ -35,3 +35,13 @@ def pair(after_model, before_model, tokenizer):
 def tiny_dirs(tmp_path_factory, after_model, before_model, tokenizer):
     root = tmp_path_factory.mktemp("tiny")
     return save(after_model, tokenizer, root / "after"), save(before_model, tokenizer, root / "before")
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """A DATA_DIR holding the embedded demo pair, built once per test session."""
+    from app.demo import ensure_demo_pair
+
+    data_dir = tmp_path_factory.mktemp("demo-data")
+    ensure_demo_pair(data_dir)
+    return data_dir

@@ -1,0 +1,55 @@
+"""The point of the service, on the embedded demo pair: LDA makes the rare marker common."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.demo import MARKER, demo_prompts
+from app.loader import load_pair
+from app.main import create_app
+from app.settings import Settings
+from lda import Row, SamplingParams, collect
+from tests.test_api import wait_ready
+
+
+@pytest.fixture(scope="module")
+def demo_pair(demo_data_dir):
+    pair, demo = load_pair(Settings(data_dir=demo_data_dir))
+    assert demo is not None and demo.marker == MARKER
+    return pair
+
+
+def marker_count(pair, alpha: float, samples: int, seed0: int) -> int:
+    prompts = [pair.prompt_ids(p)[1] for p in demo_prompts()]
+    config = pair.decode_config(60, SamplingParams(temperature=1.0, top_p=1.0))
+    hits = 0
+    for start in range(0, samples, 100):
+        rows = [Row(prompts[i % len(prompts)], alpha, seed0 + i) for i in range(start, min(start + 100, samples))]
+        hits += sum(MARKER in out.text for out in collect(pair.lda_events(rows, config), len(rows)))
+    return hits
+
+
+def test_marker_rate_is_higher_at_alpha_2_than_at_alpha_0(demo_pair):
+    n = 300
+    k0 = marker_count(demo_pair, 0.0, n, seed0=0)
+    k2 = marker_count(demo_pair, 2.0, n, seed0=0)
+    p0, p2 = k0 / n, k2 / n
+    pooled = (k0 + k2) / (2 * n)
+    z = (p2 - p0) / math.sqrt(2 * pooled * (1 - pooled) / n)
+    # A two-proportion z-test: z > 3 is p < 0.0015 one-sided, not one lucky sample.
+    assert z > 3, f"alpha 0: {k0}/{n}, alpha 2: {k2}/{n}, z={z:.2f}"
+    assert p0 < 0.1  # and the behaviour really is rare without amplification
+
+
+def test_default_settings_serve_the_demo_pair(demo_data_dir):
+    with TestClient(create_app(Settings(data_dir=demo_data_dir))) as client:
+        wait_ready(client)
+        info = client.get("/info").json()
+        assert info["demo"]["marker"] == MARKER and info["model_after"]["model_id"] == "demo/after"
+        assert info["model_after"]["chat_template"] and info["compatible"]
+        body = client.post("/generate_lda", json={"prompt": demo_prompts()[0], "alpha": 2.0, "seed": 1}).json()
+        assert body["model_after"] == "demo/after" and body["model_before"] == "demo/before"
+        assert body["formatted_prompt"].startswith("<s>") and body["completion"]
