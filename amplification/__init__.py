@@ -49,3 +49,39 @@ __all__ = [
     "resolve_config",
     "resolve_layers",
 ]
+
+from amplification.merge import (
+    DeltaTerm,
+    MergedWeights,
+    Plan,
+    apply,
+    is_merged,
+    merged,
+    plan_deltas,
+    restore,
+)
+from amplification.registry import (
+    AdapterError,
+    AdapterNotFound,
+    AdapterRegistry,
+    LoadedAdapter,
+    lora_scaling,
+    read_adapter,
+)
+
+__all__ += [
+    "AdapterError",
+    "AdapterNotFound",
+    "AdapterRegistry",
+    "DeltaTerm",
+    "LoadedAdapter",
+    "MergedWeights",
+    "Plan",
+    "apply",
+    "is_merged",
+    "lora_scaling",
+    "merged",
+    "plan_deltas",
+    "read_adapter",
+    "restore",
+]

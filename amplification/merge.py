@@ -1,0 +1,204 @@
+"""Exact in-place amplified merges: `W += sum_i weight_i * scaling_i * B_i @ A_i`, then restore.
+
+Restore never subtracts the delta back (floating-point `(W + d) - d != W`): `apply` keeps the
+original tensor of every touched Linear and `restore` copies it back, so the model is bit-identical
+afterwards. Deltas are computed in fp32 one module at a time and written with a single `copy_`, so
+the peak extra memory is the saved originals plus one module's fp32 delta, and a bf16 weight is
+rounded once, not once per adapter.
+
+    plan = plan_deltas(model, [(adapter, table)])
+    with merged(model, plan) as state:
+        ...  # generate with the amplified weights; restored on exit, even on errors
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple, Self
+
+import torch
+from torch import nn
+
+from amplification.registry import LoadedAdapter
+from amplification.resolve import LayerWeights, module_kinds
+
+
+class DeltaTerm(NamedTuple):
+    A: torch.Tensor  # [r, in], fp32 CPU
+    B: torch.Tensor  # [out, r], fp32 CPU
+    coefficient: float  # amplification weight * adapter scaling
+
+
+Plan = dict[str, list[DeltaTerm]]
+
+# The merged state of a model has one source: the MergedWeights registered here until restored.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, MergedWeights] = weakref.WeakKeyDictionary()
+
+
+def plan_deltas(model: nn.Module, adapters_with_tables: Sequence[tuple[LoadedAdapter, LayerWeights]]) -> Plan:
+    """`{Linear name: [(A, B, weight * scaling), ...]}` for every module some adapter changes.
+
+    Weights come from each adapter's table at the module's `(layer, kind)` in `module_kinds(model)`.
+    A zero weight contributes nothing and is dropped; a module left without terms is not touched at
+    all, so a config of zeros leaves the model exactly as it is.
+
+    Raises:
+        ValueError: an adapter targets a module this model lacks (or with another shape), a table
+            misses a layer or kind, or a weight is not finite.
+    """
+    kinds = module_kinds(model)
+    modules = dict(model.named_modules())
+    plan: Plan = {}
+    for adapter, table in adapters_with_tables:
+        for name, (a, b) in adapter.factors.items():
+            if name not in kinds:
+                raise ValueError(
+                    f"adapter {adapter.name!r} targets {name!r}, which is not a decoder-layer Linear of this model"
+                )
+            _check_shape(modules[name], name, a, b, adapter.name)
+            layer, kind = kinds[name]
+            weight = table.get(layer, {}).get(kind)
+            if weight is None:
+                raise ValueError(
+                    f"adapter {adapter.name!r}: no {kind!r} weight for layer {layer} in its table"
+                )
+            if not math.isfinite(weight):
+                raise ValueError(f"adapter {adapter.name!r}: weight for layer {layer} {kind} is {weight}")
+            if weight != 0:
+                plan.setdefault(name, []).append(DeltaTerm(a, b, float(weight) * adapter.scaling))
+    return {name: plan[name] for name in sorted(plan)}
+
+
+def _check_shape(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, adapter: str) -> None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or weight is None:
+        raise ValueError(f"adapter {adapter!r} targets {name!r}, a {type(module).__name__}, not a Linear")
+    if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"adapter {adapter!r}: {name!r} is {list(weight.shape)} but B @ A is "
+            f"{list(b.shape)} @ {list(a.shape)}: adapter built for another base"
+        )
+
+
+def _delta(terms: Sequence[DeltaTerm], device: torch.device) -> torch.Tensor:
+    """`sum_i coefficient_i * (B_i @ A_i)` in fp32 on `device`."""
+    delta: torch.Tensor | None = None
+    for a, b, coefficient in terms:
+        a = a.to(device=device, dtype=torch.float32)
+        b = b.to(device=device, dtype=torch.float32)
+        if delta is None:
+            delta = torch.mm(b, a).mul_(coefficient)
+        else:
+            delta.addmm_(b, a, alpha=coefficient)
+    if delta is None:
+        raise ValueError("a planned module has no delta terms")
+    return delta
+
+
+def _host_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` that later writes to it cannot reach; pinned host memory for CUDA weights."""
+    if weight.is_cuda:
+        saved = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
+        return saved.copy_(weight)
+    return weight.detach().clone()
+
+
+class MergedWeights:
+    """The original tensors of the Linears one `apply` changed; `restore()` copies them back.
+
+    Mutable on purpose: it tracks whether it has been restored, so restoring twice is harmless.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live weight, original)
+        self.modules: list[str] = []  # names of the touched Linears, kept after restore for reporting
+        self.touched_bytes = 0
+        self.restored = False
+
+    def _save(self, name: str, weight: torch.Tensor) -> None:
+        self._saved.append((weight, _host_copy(weight)))
+        self.modules.append(name)
+        self.touched_bytes += weight.numel() * weight.element_size()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy every saved original back (never subtract); a no-op once done."""
+        if self.restored:
+            return
+        # Newest first: if two names share one tensor, its first (true) original is written last.
+        for weight, original in reversed(self._saved):
+            weight.copy_(original)
+        self.restored = True
+        self._saved.clear()
+        model = self._model()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def is_merged(model: nn.Module) -> bool:
+    """Whether `model` currently holds merged weights that have not been restored."""
+    return model in _ACTIVE
+
+
+@torch.no_grad()
+def apply(model: nn.Module, plan: Plan) -> MergedWeights:
+    """Merge `plan` into `model` in place and return what restores it.
+
+    If anything fails midway (e.g. out of memory), the modules already changed are restored before
+    the error propagates.
+
+    Raises:
+        RuntimeError: `model` already holds merged weights (restore them first).
+        ValueError: a planned module is missing or has another shape.
+    """
+    if is_merged(model):
+        raise RuntimeError("model already holds merged weights; restore them before merging again")
+    modules = dict(model.named_modules())
+    # Check every module before changing any, so a bad plan leaves the model untouched.
+    plan = {name: terms for name, terms in plan.items() if terms}
+    for name, terms in plan.items():
+        if name not in modules:
+            raise ValueError(f"planned module {name!r} is not in the model")
+        for a, b, _ in terms:
+            _check_shape(modules[name], name, a, b, "plan")
+    state = MergedWeights(model)
+    _ACTIVE[model] = state
+    try:
+        for name, terms in plan.items():
+            weight = modules[name].weight
+            state._save(name, weight)
+            delta = _delta(terms, weight.device)
+            # In place, `delta + weight` equals `weight.float() + delta` without a second fp32 buffer;
+            # copy_ rounds to the weight's dtype exactly as `.to(weight.dtype)` would, in one write.
+            delta.add_(weight)
+            weight.copy_(delta)
+            del delta
+    except BaseException:
+        state.restore()
+        raise
+    return state
+
+
+def restore(state: MergedWeights) -> None:
+    """Copy the originals `apply` saved back into the model (idempotent)."""
+    state.restore()
+
+
+@contextmanager
+def merged(model: nn.Module, plan: Plan) -> Iterator[MergedWeights]:
+    """Apply `plan` for the duration of the block; restores on every exit path."""
+    state = apply(model, plan)
+    try:
+        yield state
+    finally:
+        state.restore()
