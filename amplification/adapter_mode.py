@@ -1,0 +1,86 @@
+"""Adapter-mode LDA: one base model in memory, the adapter off and on as two halves of one batch.
+
+`AdapterSource` is a `lda.LogitsSource`. Each forward runs the rows twice in one batch,
+`[after rows; before rows]`, with one KV cache; forward hooks on the adapter's Linears add the
+(amplified) LoRA update `coefficient * (x @ A^T) @ B^T` to the first half only. Hooks live only
+for the duration of a forward, so the model is plain whenever the engine is not inside one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from amplification.merge import Plan
+from lda.source import input_device, logits_width
+
+Terms = list[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class AdapterSource:
+    """Logits of base+adapter (after) and base (before) from one model and one forward."""
+
+    def __init__(self, model: nn.Module, plan: Plan, width: int | None = None) -> None:
+        self.model = model
+        self.device = input_device(model)
+        self.width = width or logits_width(model)
+        modules = dict(model.named_modules())
+        self.terms: dict[nn.Module, Terms] = {}
+        for name, terms in plan.items():
+            weight = modules[name].weight
+            self.terms[modules[name]] = [
+                (t.A.to(weight.device, weight.dtype), t.B.to(weight.device, weight.dtype), t.coefficient)
+                for t in terms
+            ]
+        self.rows = 0  # rows in the "after" half of the current batch
+        self.cache = DynamicCache()
+
+    def _hook(self, terms: Terms) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            x = args[0][: self.rows]
+            for a, b, coefficient in terms:
+                output[: self.rows].add_((x @ a.T) @ b.T, alpha=coefficient)
+            return output
+
+        return hook
+
+    @torch.no_grad()
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.rows = input_ids.shape[0]
+        handles = [m.register_forward_hook(self._hook(t)) for m, t in self.terms.items()]
+        try:
+            out = self.model(
+                input_ids=torch.cat([input_ids, input_ids]),
+                attention_mask=torch.cat([attention_mask, attention_mask]),
+                position_ids=torch.cat([position_ids, position_ids]),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        logits = out.logits[:, -1, : self.width].float()  # [2B, V]
+        return logits[: self.rows], logits[self.rows :]
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache = DynamicCache()
+        return self._forward(input_ids, attention_mask, position_ids)
+
+    def decode_one_token(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(tokens, attention_mask, position_ids)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.cache.layers[0].keys.device)
+        self.cache.batch_select_indices(torch.cat([rows, rows + self.rows]))
+        self.rows = rows.shape[0]
