@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from amplification import AdapterNotFound
 from lda import IncompatibleTokenizersError
 
 from app.engine import QueueFullError
@@ -41,6 +42,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
+        if isinstance(exc, AdapterNotFound):
+            return error_response(404, str(exc), "not_found")
         if isinstance(exc, IncompatibleTokenizersError):
             return error_response(409, str(exc), "incompatible_models")
         return error_response(422, str(exc), "invalid_request_error")

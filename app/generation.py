@@ -63,21 +63,36 @@ def run_events(
     return outputs  # type: ignore[return-value]
 
 
-def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+@dataclass(frozen=True)
+class Decoder:
+    """Where an LDA request's logits come from: the two-model pair, or adapter mode."""
+
+    side: Side  # whose tokenizer formats prompts and decodes text
+    events: Callable[[list[Row], Any], Iterator[TokenEvent | RowOutput]]
+    model_after: str
+    model_before: str
+
+
+def pair_decoder(pair: LDAModelPair) -> Decoder:
+    return Decoder(pair.after, pair.lda_events, pair.after.model_id, pair.before.model_id)
+
+
+def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage, make_decoder: Callable[[], Decoder] | None = None) -> Callable[[Job], dict[str, Any] | None]:
     """The engine job for `/generate_lda` (streaming or not)."""
 
     def run(job: Job) -> dict[str, Any] | None:
+        decoder = make_decoder() if make_decoder else pair_decoder(pair)
         formatted, rows, metas = [], [], []
         seed0 = base_seed(req)
         for p_i, prompt in enumerate(req.prompt_list):
-            text, ids = pair.prompt_ids(prompt, req.system_prompt, req.apply_chat_template)
+            text, ids = pair.prompt_ids(prompt, req.system_prompt, req.apply_chat_template, side=decoder.side)
             formatted.append(text)
             for alpha in req.alpha_list:
                 for k in range(req.n):
                     seed = seed0 + len(rows)
                     rows.append(Row(ids, alpha, seed))
                     metas.append(RowMeta(p_i, alpha, k, seed))
-        config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, req.details)
+        config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, req.details, side=decoder.side)
 
         def forward(event: Any) -> None:
             if isinstance(event, TokenEvent) and event.text:
@@ -85,18 +100,18 @@ def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage) -> Callable[[Job]
             elif isinstance(event, RowOutput) and event.tail:
                 job.emit({"event": "token", "row": event.row, "token_id": None, "text": event.tail})
 
-        outputs = run_events(job, pair.lda_events(rows, config), len(rows), usage, forward)
+        outputs = run_events(job, decoder.events(rows, config), len(rows), usage, forward)
         if outputs is None:
             return None
-        return lda_response(pair, req, formatted, metas, outputs)
+        return lda_response(decoder, req, formatted, metas, outputs)
 
     return run
 
 
 def lda_response(
-    pair: LDAModelPair, req: LDARequest, formatted: list[str], metas: list[RowMeta], outputs: list[RowOutput]
+    decoder: Decoder, req: LDARequest, formatted: list[str], metas: list[RowMeta], outputs: list[RowOutput]
 ) -> dict[str, Any]:
-    tok = pair.after.tokenizer
+    tok = decoder.side.tokenizer
     results = []
     for meta, out in zip(metas, outputs):
         details = None
@@ -134,8 +149,8 @@ def lda_response(
         "completion": first["completion"],
         "text": first["text"],
         "alpha": first["alpha"],
-        "model_after": pair.after.model_id,
-        "model_before": pair.before.model_id,
+        "model_after": decoder.model_after,
+        "model_before": decoder.model_before,
         "tokens_generated": first["tokens_generated"],
         "stopped_early": first["stopped_early"],
         "results": results,

@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from app.amp_routes import router as amp_router
+from app.amplify import Amplifier
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.loader import load_pair
@@ -24,15 +26,30 @@ Loader = Callable[[Settings], Any]
 
 async def _load(app: FastAPI, loader: Loader) -> None:
     """Load on the engine thread so the event loop keeps answering /health and /ready."""
+    def load(job: Any) -> tuple[Any, Any, Amplifier]:
+        pair, demo = loader(app.state.settings)
+        return pair, demo, setup_amplifier(pair, demo, app.state.settings)
+
     try:
-        pair, demo = await app.state.engine.run(lambda job: loader(app.state.settings))
+        pair, demo, amplifier = await app.state.engine.run(load)
     except Exception as exc:
         log.exception("model loading failed")
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         return
     app.state.demo = demo
+    app.state.amplifier = amplifier
     app.state.pair = pair
     log.info("ready: after=%s before=%s", pair.after.model_id, pair.before.model_id)
+
+
+def setup_amplifier(pair: Any, demo: Any, settings: Settings) -> Amplifier:
+    """The adapter registry on the pair's base, with the demo adapter and start-up adapters loaded."""
+    amp = Amplifier(pair, settings)
+    if demo is not None and settings.demo:
+        amp.load_adapter("demo", str(demo.adapter))
+    for name, source in settings.startup_adapters:
+        amp.load_adapter(name, source)
+    return amp
 
 
 def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> FastAPI:
@@ -60,10 +77,12 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.metrics = metrics
     app.state.engine = Engine(settings.queue_size, metrics.engine_changed)
     app.state.pair = None
+    app.state.amplifier = None
     app.state.demo = None
     app.state.load_error = None
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(amp_router)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:

@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lda import IncompatibleTokenizersError, LDAModelPair
 
+from app.amp_jobs import adapter_decoder
+from app.amplify import Amplifier
 from app.engine import Engine
 from app.errors import NotReadyError, error_response
 from app.generation import Usage, generate_job, lda_job
@@ -45,6 +47,14 @@ def get_pair(request: Request) -> LDAModelPair:
 
 
 PairDep = Annotated[LDAModelPair, Depends(get_pair)]
+
+
+def get_amplifier(request: Request) -> Amplifier:
+    amp = getattr(request.app.state, "amplifier", None)
+    if amp is None:
+        get_pair(request)  # the same 503 as every route that needs the models
+        raise NotReadyError("the amplifier is not set up")
+    return amp
 
 
 def _engine(request: Request) -> Engine:
@@ -88,13 +98,19 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
     t0 = time.perf_counter()
     rows = len(req.prompt_list) * len(req.alpha_list) * req.n
     check_limits(_settings(request), req, rows)
-    if not pair.compatibility.compatible:
+    make_decoder = None
+    if req.adapter is not None or req.amplification is not None:
+        if req.adapter is not None and req.amplification is not None:
+            raise ValueError("give `adapter` or `amplification`, not both")
+        make_decoder = adapter_decoder(get_amplifier(request), req)
+    elif not pair.compatibility.compatible:
         raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
     usage = Usage()
+    job_fn = lda_job(pair, req, usage, make_decoder)
     if req.stream:
-        job = _engine(request).submit(lda_job(pair, req, usage), stream=True)
+        job = _engine(request).submit(job_fn, stream=True)
         return StreamingResponse(_sse(request, job, t0, usage), media_type="text/event-stream")
-    body = await _engine(request).run(lda_job(pair, req, usage))
+    body = await _engine(request).run(job_fn)
     _observe(request, "/generate_lda", t0, usage)
     return body
 
@@ -103,7 +119,7 @@ def _sse_event(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(request: Request, job: Any, t0: float, usage: Usage) -> AsyncIterator[str]:
+async def _sse(request: Request, job: Any, t0: float, usage: Usage, route: str = "/generate_lda") -> AsyncIterator[str]:
     """Token events as they are sampled, then one `result` (or `error`) event."""
     engine = _engine(request)
     try:
@@ -115,7 +131,7 @@ async def _sse(request: Request, job: Any, t0: float, usage: Usage) -> AsyncIter
             yield _sse_event("error", {"error": {"message": str(exc), "type": type(exc).__name__}})
             return
         if result is not None:
-            _observe(request, "/generate_lda", t0, usage)
+            _observe(request, route, t0, usage)
             yield _sse_event("result", result)
     finally:
         job.cancel()  # client gone or stream done: the engine stops at the next token

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="demo pair cache, jobs, compiled adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    adapter_roots: str = Field("", description="comma-separated dirs adapters may load from (DATA_DIR always)")
+    adapters: str = Field("", description="adapters to load at start: name=source,name2=source2")
+    organisms_dir: Path | None = Field(None, description="toolkit configs folder with organism/ and model/")
+    config_roots: str = Field("", description="comma-separated dirs config_path may read (DATA_DIR always)")
+
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
     max_stop_strings: int = Field(16, ge=0)
@@ -45,6 +50,28 @@ class Settings(BaseSettings):
         if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: str) -> str:
+        for item in filter(None, (i.strip() for i in v.split(","))):
+            name, sep, source = item.partition("=")
+            if not sep or not name.strip() or not source.strip():
+                raise ValueError(f"expected name=source pairs separated by commas, got {item!r}")
+        return v
+
+    @property
+    def startup_adapters(self) -> list[tuple[str, str]]:
+        items = filter(None, (i.strip() for i in self.adapters.split(",")))
+        return [(n.strip(), s.strip()) for n, _, s in (i.partition("=") for i in items)]
+
+    @property
+    def adapter_root_paths(self) -> list[Path]:
+        return [self.data_dir, *(Path(p.strip()) for p in self.adapter_roots.split(",") if p.strip())]
+
+    @property
+    def config_root_paths(self) -> list[Path]:
+        return [self.data_dir, *(Path(p.strip()) for p in self.config_roots.split(",") if p.strip())]
 
     @property
     def demo(self) -> bool:

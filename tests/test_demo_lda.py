@@ -16,10 +16,15 @@ from tests.test_api import wait_ready
 
 
 @pytest.fixture(scope="module")
-def demo_pair(demo_data_dir):
+def demo_loaded(demo_data_dir):
     pair, demo = load_pair(Settings(data_dir=demo_data_dir))
     assert demo is not None and demo.marker == MARKER
-    return pair
+    return pair, demo
+
+
+@pytest.fixture(scope="module")
+def demo_pair(demo_loaded):
+    return demo_loaded[0]
 
 
 def marker_count(pair, alpha: float, samples: int, seed0: int) -> int:
@@ -32,16 +37,38 @@ def marker_count(pair, alpha: float, samples: int, seed0: int) -> int:
     return hits
 
 
+def z_score(k_low: int, k_high: int, n: int) -> float:
+    """Two-proportion z-test; z > 3 is p < 0.0015 one-sided, not one lucky sample."""
+    pooled = (k_low + k_high) / (2 * n)
+    return (k_high - k_low) / n / math.sqrt(2 * pooled * (1 - pooled) / n)
+
+
 def test_marker_rate_is_higher_at_alpha_2_than_at_alpha_0(demo_pair):
     n = 300
     k0 = marker_count(demo_pair, 0.0, n, seed0=0)
     k2 = marker_count(demo_pair, 2.0, n, seed0=0)
-    p0, p2 = k0 / n, k2 / n
-    pooled = (k0 + k2) / (2 * n)
-    z = (p2 - p0) / math.sqrt(2 * pooled * (1 - pooled) / n)
-    # A two-proportion z-test: z > 3 is p < 0.0015 one-sided, not one lucky sample.
-    assert z > 3, f"alpha 0: {k0}/{n}, alpha 2: {k2}/{n}, z={z:.2f}"
-    assert p0 < 0.1  # and the behaviour really is rare without amplification
+    assert z_score(k0, k2, n) > 3, f"alpha 0: {k0}/{n}, alpha 2: {k2}/{n}"
+    assert k0 / n < 0.1  # and the behaviour really is rare without amplification
+
+
+def test_amplification_weight_3_raises_marker_rate_over_weight_1(demo_loaded, demo_data_dir):
+    from amplification import merged
+    from app.main import setup_amplifier
+    from lda import ModelSource, decode
+
+    pair, demo = demo_loaded
+    amp = setup_amplifier(pair, demo, Settings(data_dir=demo_data_dir))
+    prompts = [pair.prompt_ids(p)[1] for p in demo_prompts()]
+    config = pair.decode_config(60, SamplingParams(temperature=1.0, top_p=1.0))
+    n, counts = 400, {}
+    for weight in (1.0, 3.0):
+        compiled = amp.lookup({"name": f"w{weight}", "adapters": [{"organism_name": "custom", "variant": "demo",
+            "layer_amplifications": [{"layers": "all", "module_amplifications": [{"modules": "all", "weight": weight}]}]}]})
+        rows = [Row(prompts[i % len(prompts)], 0.0, i) for i in range(n)]
+        with merged(amp.model, amp.plan(compiled)):
+            outs = collect(decode(ModelSource(amp.model), pair.after.tokenizer, rows, config), n)
+        counts[weight] = sum(MARKER in o.text for o in outs)
+    assert z_score(counts[1.0], counts[3.0], n) > 3, counts
 
 
 def test_default_settings_serve_the_demo_pair(demo_data_dir):

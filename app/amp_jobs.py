@@ -1,0 +1,104 @@
+"""Engine jobs for the amplification lens: adapter-mode LDA and side-by-side amplified columns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from amplification import ConfigError, merged
+from amplification.adapter_mode import AdapterSource
+from lda import LDAModelPair, Row, RowOutput, TokenEvent, decode
+from lda.pair import Side, full_text
+from lda.source import ModelSource
+
+from app.amplify import Amplifier, Compiled
+from app.engine import Job
+from app.generation import Decoder, Usage, base_seed, run_events, sampling_params
+from app.schemas import AmplificationGenerateRequest, LDARequest
+
+
+def text_side(pair: LDAModelPair) -> Side:
+    """Prompts for the base model are formatted like the after model's when the vocabularies agree."""
+    return pair.after if pair.compatibility.compatible else pair.before
+
+
+def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
+    """Adapter-mode LDA: after = base + (amplified) adapter, before = base, one forward."""
+
+    def make() -> Decoder:
+        reference = req.amplification if req.amplification is not None else req.adapter
+        try:
+            compiled = amp.lookup(reference)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            field = "amplification" if req.amplification is not None else "adapter"
+            raise ConfigError(f"{field}.{exc.path}" if isinstance(reference, dict) else field, exc.reason) from None
+        source = AdapterSource(amp.model, amp.plan(compiled))
+        side = text_side(amp.pair)
+        base = amp.pair.before.model_id
+        return Decoder(side, lambda rows, config: decode(source, side.tokenizer, rows, config),
+                       f"{base}+{compiled.lora_name}", base)
+
+    return make
+
+
+def columns_for(amp: Amplifier, req: AmplificationGenerateRequest) -> list[tuple[str, str, Compiled | None]]:
+    """(name, kind, compiled) per column: base, plain adapters, then each config, in that order."""
+    configs = []
+    for i, ref in enumerate(req.configs):
+        try:
+            configs.append(amp.lookup(ref))
+        except ConfigError as exc:
+            path = f"configs[{i}].{exc.path}" if isinstance(ref, dict) else f"configs[{i}]"
+            raise ConfigError(path, exc.reason) from None
+    columns: list[tuple[str, str, Compiled | None]] = []
+    if req.include_base:
+        columns.append(("base", "base", None))
+    if req.include_adapters:
+        seen = []
+        for c in configs:
+            seen += [a for a in c.adapters if a.name not in [s.name for s in seen]]
+        columns += [(a.name, "adapter", amp.plain(a)) for a in seen]
+    columns += [(c.config.name, "config", c) for c in configs]
+    return columns
+
+
+def amplification_job(amp: Amplifier, req: AmplificationGenerateRequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+    """Each column merges its config into the base in place, decodes every row, and restores."""
+
+    def run(job: Job) -> dict[str, Any] | None:
+        columns = columns_for(amp, req)
+        side = text_side(amp.pair)
+        formatted, ids = zip(*(amp.pair.prompt_ids(p, req.system_prompt, req.apply_chat_template, side=side) for p in req.prompt_list))
+        seed0 = base_seed(req)
+        rows = [Row(ids[p], 0.0, seed0 + p * req.n + k) for p in range(len(ids)) for k in range(req.n)]
+        config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
+        out_columns = []
+        for c, (name, kind, compiled) in enumerate(columns):
+            def forward(event: Any, c: int = c) -> None:
+                if isinstance(event, TokenEvent) and event.text:
+                    job.emit({"column": c, "row": event.row, "token_id": event.token_id, "text": event.text})
+                elif isinstance(event, RowOutput) and event.tail:
+                    job.emit({"column": c, "row": event.row, "token_id": None, "text": event.tail})
+
+            plan = amp.plan(compiled) if compiled is not None else {}
+            with merged(amp.model, plan):
+                events = decode(ModelSource(amp.model), side.tokenizer, rows, config)
+                outputs = run_events(job, events, len(rows), usage, forward)
+            if outputs is None:
+                return None
+            out_columns.append({
+                "name": name,
+                "kind": kind,
+                "lora_name": compiled.lora_name if compiled is not None else None,
+                "results": [
+                    {"prompt_index": i // req.n, "sample_index": i % req.n, "seed": rows[i].seed,
+                     "completion": o.text, "text": full_text(side.tokenizer, formatted[i // req.n], o),
+                     "tokens_generated": o.tokens_generated, "stopped_early": o.stopped_early,
+                     "finish_reason": o.finish_reason}
+                    for i, o in enumerate(outputs)
+                ],
+            })
+        return {"prompts": req.prompt_list, "formatted_prompts": list(formatted), "model": amp.base_model_id, "columns": out_columns}
+
+    return run
+

@@ -1,0 +1,90 @@
+"""Routes of the amplification lens: /adapters, /amplification/*, the toolkit's compile route."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from amplification import AmplificationConfig
+
+from app.amp_jobs import amplification_job
+from app.amplify import Amplifier
+from app.generation import Usage
+from app.routes import ERRORS, _engine, _observe, _settings, _sse, check_limits, get_amplifier
+from app.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
+
+router = APIRouter()
+MAX_COLUMNS = 16
+
+
+@router.get("/adapters", responses=ERRORS)
+async def list_adapters(request: Request) -> Any:
+    amp = get_amplifier(request)
+    return {"adapters": [a.info() for a in amp.registry.list()]}
+
+
+@router.post("/adapters", status_code=201, responses=ERRORS)
+async def load_adapter(req: AdapterLoadRequest, request: Request) -> Any:
+    """Load a PEFT LoRA adapter (local directory under an allowed root, or a hub id when online)."""
+    amp = get_amplifier(request)
+    adapter = await _engine(request).run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
+    return adapter.info()
+
+
+@router.get("/adapters/{name}", responses={404: ERRORS[422]})
+async def get_adapter(name: str, request: Request) -> Any:
+    return get_amplifier(request).registry.get(name).info()
+
+
+@router.delete("/adapters/{name}", responses={404: ERRORS[422]})
+async def delete_adapter(name: str, request: Request) -> Any:
+    amp = get_amplifier(request)
+    adapter = await _engine(request).run(lambda job: amp.registry.delete(name))
+    return {"deleted": adapter.name}
+
+
+def _config(amp: Amplifier, req: CompileRequest) -> AmplificationConfig:
+    config = AmplificationConfig.from_dict(req.config) if req.config is not None else amp.read_config_file(req.config_path or "")
+    if req.organism_name is not None or req.variant is not None:
+        config = config.substitute(req.organism_name, req.variant)
+    return config
+
+
+@router.post("/amplification/compile", responses=ERRORS)
+async def compile_config(req: CompileRequest, request: Request) -> Any:
+    """Validate and resolve a config: per-layer, per-module weights, content hash, lora_name."""
+    amp = get_amplifier(request)
+    return await _engine(request).run(lambda job: amp.describe(amp.compile(_config(amp, req))))
+
+
+@router.post("/v1/compile_and_load_amplification", responses=ERRORS)
+async def compile_and_load(req: CompileRequest, request: Request) -> Any:
+    """The diffing toolkit's route: `{lora_name, lora_path}`; the name then works as a config."""
+    amp = get_amplifier(request)
+
+    def run(job: Any) -> dict[str, str]:
+        compiled = amp.compile(_config(amp, req))
+        return {"lora_name": compiled.lora_name, "lora_path": str(amp.write_compiled(compiled))}
+
+    return await _engine(request).run(run)
+
+
+@router.post("/amplification/generate", responses=ERRORS)
+async def amplification_generate(req: AmplificationGenerateRequest, request: Request) -> Any:
+    """Prompts x columns (base, plain adapters, each config) side by side, same seeds per column."""
+    t0 = time.perf_counter()
+    amp = get_amplifier(request)
+    columns = len(req.configs) + int(req.include_base)
+    if columns > MAX_COLUMNS:
+        raise ValueError(f"too many columns: {columns}, the limit is {MAX_COLUMNS}")
+    check_limits(_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
+    usage = Usage()
+    if req.stream:
+        job = _engine(request).submit(amplification_job(amp, req, usage), stream=True)
+        return StreamingResponse(_sse(request, job, t0, usage, "/amplification/generate"), media_type="text/event-stream")
+    body = await _engine(request).run(amplification_job(amp, req, usage))
+    _observe(request, "/amplification/generate", t0, usage)
+    return body
