@@ -118,8 +118,11 @@ def test_compile_and_load_then_use_the_name(setup):
     r = client.post("/v1/compile_and_load_amplification", json={"config_path": str(outside / "cfg.yaml")})
     assert r.status_code == 422 and "config_path" in r.json()["error"]["message"]
     # The toolkit's placeholder substitution: a preset with `variant: null` filled by the request.
-    r = client.post("/v1/compile_and_load_amplification", json={"config_path": "default_2x", "variant": "tiny"})
-    assert r.status_code == 422  # presets are referenced by path, not by name
+    from amplification import PRESETS_DIR
+
+    r = client.post("/v1/compile_and_load_amplification", json={"config_path": str(PRESETS_DIR / "default_3x.yaml"), "variant": "tiny"})
+    assert r.status_code == 200 and r.json()["lora_name"].startswith("default_3x_"), r.text
+    assert client.post("/v1/compile_and_load_amplification", json={"config_path": str(PRESETS_DIR / "default_3x.yaml")}).status_code == 422
     gen = client.post("/amplification/generate", json={"prompt": "Hello world", "configs": [lora_name], "temperature": 0, "max_new_tokens": 6})
     assert gen.status_code == 200 and gen.json()["columns"][0]["lora_name"] == lora_name
     lda = client.post("/generate_lda", json={"prompt": "Hello world", "amplification": lora_name, "alpha": 0, "temperature": 0, "max_new_tokens": 6})

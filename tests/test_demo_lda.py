@@ -80,3 +80,13 @@ def test_default_settings_serve_the_demo_pair(demo_data_dir):
         body = client.post("/generate_lda", json={"prompt": demo_prompts()[0], "alpha": 2.0, "seed": 1}).json()
         assert body["model_after"] == "demo/after" and body["model_before"] == "demo/before"
         assert body["formatted_prompt"].startswith("<s>") and body["completion"]
+        assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["demo"]
+        # The bundled organism folder resolves the toolkit's organism/variant to the demo adapter.
+        config = {"name": "org", "adapters": [{"organism_name": "demo_marker", "variant": "default", "layer_amplifications": [
+            {"layers": {"type": "range", "start": 0.0, "end": 0.5}, "is_relative": True,
+             "module_amplifications": [{"modules": "mlp", "weight": 2.5}]}]}]}
+        compiled = client.post("/amplification/compile", json={"config": config}).json()
+        assert compiled["adapters"][0]["adapter"] == "demo"
+        assert [t["mlp"] for t in compiled["adapters"][0]["layers"]] == [2.5, 2.5, 1.0]
+        r = client.post("/generate_lda", json={"prompt": demo_prompts()[0], "amplification": compiled["lora_name"], "alpha": 1.0, "seed": 2})
+        assert r.status_code == 200 and r.json()["model_after"] == f"demo/before+{compiled['lora_name']}"
