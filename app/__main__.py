@@ -17,7 +17,9 @@ def main() -> None:
     except ValidationError as exc:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from app.main import create_app
 
     uvicorn.run(

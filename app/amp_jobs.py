@@ -31,12 +31,18 @@ def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
             compiled = amp.lookup(reference)  # type: ignore[arg-type]
         except ConfigError as exc:
             field = "amplification" if req.amplification is not None else "adapter"
-            raise ConfigError(f"{field}.{exc.path}" if isinstance(reference, dict) else field, exc.reason) from None
+            raise ConfigError(
+                f"{field}.{exc.path}" if isinstance(reference, dict) else field, exc.reason
+            ) from None
         source = AdapterSource(amp.model, amp.plan(compiled))
         side = text_side(amp.pair)
         base = amp.pair.before.model_id
-        return Decoder(side, lambda rows, config: decode(source, side.tokenizer, rows, config),
-                       f"{base}+{compiled.lora_name}", base)
+        return Decoder(
+            side,
+            lambda rows, config: decode(source, side.tokenizer, rows, config),
+            f"{base}+{compiled.lora_name}",
+            base,
+        )
 
     return make
 
@@ -62,18 +68,26 @@ def columns_for(amp: Amplifier, req: AmplificationGenerateRequest) -> list[tuple
     return columns
 
 
-def amplification_job(amp: Amplifier, req: AmplificationGenerateRequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+def amplification_job(
+    amp: Amplifier, req: AmplificationGenerateRequest, usage: Usage
+) -> Callable[[Job], dict[str, Any] | None]:
     """Each column merges its config into the base in place, decodes every row, and restores."""
 
     def run(job: Job) -> dict[str, Any] | None:
         columns = columns_for(amp, req)
         side = text_side(amp.pair)
-        formatted, ids = zip(*(amp.pair.prompt_ids(p, req.system_prompt, req.apply_chat_template, side=side) for p in req.prompt_list))
+        formatted, ids = zip(
+            *(
+                amp.pair.prompt_ids(p, req.system_prompt, req.apply_chat_template, side=side)
+                for p in req.prompt_list
+            )
+        )
         seed0 = base_seed(req)
         rows = [Row(ids[p], 0.0, seed0 + p * req.n + k) for p in range(len(ids)) for k in range(req.n)]
         config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
         out_columns = []
         for c, (name, kind, compiled) in enumerate(columns):
+
             def forward(event: Any, c: int = c) -> None:
                 if isinstance(event, TokenEvent) and event.text:
                     job.emit({"column": c, "row": event.row, "token_id": event.token_id, "text": event.text})
@@ -86,19 +100,31 @@ def amplification_job(amp: Amplifier, req: AmplificationGenerateRequest, usage: 
                 outputs = run_events(job, events, len(rows), usage, forward)
             if outputs is None:
                 return None
-            out_columns.append({
-                "name": name,
-                "kind": kind,
-                "lora_name": compiled.lora_name if compiled is not None else None,
-                "results": [
-                    {"prompt_index": i // req.n, "sample_index": i % req.n, "seed": rows[i].seed,
-                     "completion": o.text, "text": full_text(side.tokenizer, formatted[i // req.n], o),
-                     "tokens_generated": o.tokens_generated, "stopped_early": o.stopped_early,
-                     "finish_reason": o.finish_reason}
-                    for i, o in enumerate(outputs)
-                ],
-            })
-        return {"prompts": req.prompt_list, "formatted_prompts": list(formatted), "model": amp.base_model_id, "columns": out_columns}
+            out_columns.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "lora_name": compiled.lora_name if compiled is not None else None,
+                    "results": [
+                        {
+                            "prompt_index": i // req.n,
+                            "sample_index": i % req.n,
+                            "seed": rows[i].seed,
+                            "completion": o.text,
+                            "text": full_text(side.tokenizer, formatted[i // req.n], o),
+                            "tokens_generated": o.tokens_generated,
+                            "stopped_early": o.stopped_early,
+                            "finish_reason": o.finish_reason,
+                        }
+                        for i, o in enumerate(outputs)
+                    ],
+                }
+            )
+        return {
+            "prompts": req.prompt_list,
+            "formatted_prompts": list(formatted),
+            "model": amp.base_model_id,
+            "columns": out_columns,
+        }
 
     return run
-

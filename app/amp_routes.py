@@ -47,7 +47,11 @@ async def delete_adapter(name: str, request: Request) -> Any:
 
 
 def _config(amp: Amplifier, req: CompileRequest) -> AmplificationConfig:
-    config = AmplificationConfig.from_dict(req.config) if req.config is not None else amp.read_config_file(req.config_path or "")
+    config = (
+        AmplificationConfig.from_dict(req.config)
+        if req.config is not None
+        else amp.read_config_file(req.config_path or "")
+    )
     if req.organism_name is not None or req.variant is not None:
         config = config.substitute(req.organism_name, req.variant)
     return config
@@ -84,7 +88,9 @@ async def amplification_generate(req: AmplificationGenerateRequest, request: Req
     usage = Usage()
     if req.stream:
         job = _engine(request).submit(amplification_job(amp, req, usage), stream=True)
-        return StreamingResponse(_sse(request, job, t0, usage, "/amplification/generate"), media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(request, job, t0, usage, "/amplification/generate"), media_type="text/event-stream"
+        )
     body = await _engine(request).run(amplification_job(amp, req, usage))
     _observe(request, "/amplification/generate", t0, usage)
     return body

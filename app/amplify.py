@@ -114,7 +114,9 @@ class Amplifier:
             except AdapterError as exc:
                 raise ConfigError(f"adapters[{i}].variant", str(exc)) from None
             references.append(ref)
-        compiled = Compiled(config, config.lora_name, config.content_hash(), tuple(adapters), tuple(references), tuple(tables))
+        compiled = Compiled(
+            config, config.lora_name, config.content_hash(), tuple(adapters), tuple(references), tuple(tables)
+        )
         self.compiled[compiled.lora_name] = compiled
         return compiled
 
@@ -131,8 +133,18 @@ class Amplifier:
     def plain(self, adapter: LoadedAdapter) -> Compiled:
         ones = {layer: {"attention": 1.0, "mlp": 1.0} for layer in range(self.layers)}
         config = AmplificationConfig.from_dict(
-            {"name": adapter.name, "adapters": [{"organism_name": "custom", "variant": adapter.name, "layer_amplifications": [
-                {"layers": "all", "module_amplifications": [{"modules": "all", "weight": 1.0}]}]}]}
+            {
+                "name": adapter.name,
+                "adapters": [
+                    {
+                        "organism_name": "custom",
+                        "variant": adapter.name,
+                        "layer_amplifications": [
+                            {"layers": "all", "module_amplifications": [{"modules": "all", "weight": 1.0}]}
+                        ],
+                    }
+                ],
+            }
         )
         return Compiled(config, adapter.name, config.content_hash(), (adapter,), (adapter.name,), (ones,))
 
@@ -146,8 +158,12 @@ class Amplifier:
             "hash": compiled.content_hash,
             "num_layers": self.layers,
             "adapters": [
-                {"adapter": a.name, "reference": ref, "scaling": a.scaling,
-                 "layers": [table[i] for i in range(self.layers)]}
+                {
+                    "adapter": a.name,
+                    "reference": ref,
+                    "scaling": a.scaling,
+                    "layers": [table[i] for i in range(self.layers)],
+                }
                 for a, ref, table in zip(compiled.adapters, compiled.references, compiled.tables)
             ],
         }
@@ -160,14 +176,20 @@ class Amplifier:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         resolved: dict[str, list[dict[str, float]]] = {}
-        for i, (adapter, ref, table) in enumerate(zip(compiled.adapters, compiled.references, compiled.tables)):
+        for i, (adapter, ref, table) in enumerate(
+            zip(compiled.adapters, compiled.references, compiled.tables)
+        ):
             source = self.registry.locate(adapter.source)
             target = tmp if i == 0 else tmp / ref.replace("/", "_")
             target.mkdir(exist_ok=True)
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 (target / name).symlink_to(source / name)
             resolved[ref] = [table[layer] for layer in range(self.layers)]
-        body = compiled.config.to_dict() | {"resolved_config": resolved, "module_paths": self._module_paths(), "hash": compiled.content_hash}
+        body = compiled.config.to_dict() | {
+            "resolved_config": resolved,
+            "module_paths": self._module_paths(),
+            "hash": compiled.content_hash,
+        }
         (tmp / "amplification_config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -180,5 +202,7 @@ class Amplifier:
             if layer == 0 and kind not in paths:
                 head, _, rest = name.partition(".0.")
                 block = f"base_model.model.{head}.0.{rest.split('.')[0]}"
-                paths[kind] = block.replace(".", "\\.").replace("\\.0\\.", "\\.[layer_idx]\\.") + ".*\\.lora_B.weight"
+                paths[kind] = (
+                    block.replace(".", "\\.").replace("\\.0\\.", "\\.[layer_idx]\\.") + ".*\\.lora_B.weight"
+                )
         return paths

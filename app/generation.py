@@ -45,7 +45,11 @@ def base_seed(req: SamplingFields) -> int:
 
 
 def run_events(
-    job: Job, events: Iterator[TokenEvent | RowOutput], n_rows: int, usage: Usage, on_event: Callable[[Any], None]
+    job: Job,
+    events: Iterator[TokenEvent | RowOutput],
+    n_rows: int,
+    usage: Usage,
+    on_event: Callable[[Any], None],
 ) -> list[RowOutput] | None:
     """Drain a decode, forwarding events; None when the job was cancelled part-way."""
     outputs: list[RowOutput | None] = [None] * n_rows
@@ -77,7 +81,9 @@ def pair_decoder(pair: LDAModelPair) -> Decoder:
     return Decoder(pair.after, pair.lda_events, pair.after.model_id, pair.before.model_id)
 
 
-def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage, make_decoder: Callable[[], Decoder] | None = None) -> Callable[[Job], dict[str, Any] | None]:
+def lda_job(
+    pair: LDAModelPair, req: LDARequest, usage: Usage, make_decoder: Callable[[], Decoder] | None = None
+) -> Callable[[Job], dict[str, Any] | None]:
     """The engine job for `/generate_lda` (streaming or not)."""
 
     def run(job: Job) -> dict[str, Any] | None:
@@ -92,7 +98,9 @@ def lda_job(pair: LDAModelPair, req: LDARequest, usage: Usage, make_decoder: Cal
                     seed = seed0 + len(rows)
                     rows.append(Row(ids, alpha, seed))
                     metas.append(RowMeta(p_i, alpha, k, seed))
-        config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, req.details, side=decoder.side)
+        config = pair.decode_config(
+            req.max_new_tokens, sampling_params(req), req.stop, req.details, side=decoder.side
+        )
 
         def forward(event: Any) -> None:
             if isinstance(event, TokenEvent) and event.text:
@@ -157,7 +165,9 @@ def lda_response(
     }
 
 
-def generate_job(pair: LDAModelPair, req: GenerateRequest, usage: Usage) -> Callable[[Job], dict[str, Any] | None]:
+def generate_job(
+    pair: LDAModelPair, req: GenerateRequest, usage: Usage
+) -> Callable[[Job], dict[str, Any] | None]:
     """The engine job for `/generate`: each model alone, with its own tokenizer and template."""
 
     def run(job: Job) -> dict[str, Any] | None:

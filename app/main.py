@@ -26,6 +26,7 @@ Loader = Callable[[Settings], Any]
 
 async def _load(app: FastAPI, loader: Loader) -> None:
     """Load on the engine thread so the event loop keeps answering /health and /ready."""
+
     def load(job: Any) -> tuple[Any, Any, Amplifier]:
         pair, demo = loader(app.state.settings)
         return pair, demo, setup_amplifier(pair, demo, app.state.settings)

@@ -13,14 +13,24 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lda_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "lda_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.waiting = Gauge("lda_num_requests_waiting", "jobs queued for the engine", registry=r)
         self.running = Gauge("lda_num_requests_running", "jobs running on the engine", registry=r)
         self.ttft = Histogram(
-            "lda_time_to_first_token_seconds", "request arrival to first token", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "lda_time_to_first_token_seconds",
+            "request arrival to first token",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "lda_e2e_request_latency_seconds", "request arrival to last token", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "lda_e2e_request_latency_seconds",
+            "request arrival to last token",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter("lda_generation_tokens", "tokens generated", ["route"], registry=r)
         self.rejected = Counter("lda_queue_rejections", "requests refused with 429 (queue full)", registry=r)

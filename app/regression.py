@@ -61,13 +61,17 @@ def check_server(client: httpx.Client, server: str) -> dict[str, Any] | None:
         print(f"FAIL: server not reachable at {server} ({type(exc).__name__}: {exc})")
         return None
     if health.status_code != 200 or ready.status_code != 200:
-        print(f"FAIL: server not ready (health {health.status_code}, ready {ready.status_code}): {ready.text}")
+        print(
+            f"FAIL: server not ready (health {health.status_code}, ready {ready.status_code}): {ready.text}"
+        )
         return None
     print("Server is up\n")
     return ready.json()
 
 
-def run_prompts(client: httpx.Client, settings: dict[str, Any], timeout: float) -> list[dict[str, Any]] | None:
+def run_prompts(
+    client: httpx.Client, settings: dict[str, Any], timeout: float
+) -> list[dict[str, Any]] | None:
     print(f"Running {len(PROMPTS)} prompts with alpha={settings['alpha']} seed={settings['seed']} ...")
     results = []
     for i, prompt in enumerate(PROMPTS, 1):

@@ -31,9 +31,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (409, 422, 429, 503)
-}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (409, 422, 429, 503)}
 
 router = APIRouter()
 
@@ -119,7 +117,9 @@ def _sse_event(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(request: Request, job: Any, t0: float, usage: Usage, route: str = "/generate_lda") -> AsyncIterator[str]:
+async def _sse(
+    request: Request, job: Any, t0: float, usage: Usage, route: str = "/generate_lda"
+) -> AsyncIterator[str]:
     """Token events as they are sampled, then one `result` (or `error`) event."""
     engine = _engine(request)
     try:

@@ -33,14 +33,20 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**62, description="row i uses seed + i; omitted = random")
     apply_chat_template: bool = True
     system_prompt: str | None = None
-    stop: list[StopString] = Field(default_factory=list, description="stop strings (not included in the text)")
+    stop: list[StopString] = Field(
+        default_factory=list, description="stop strings (not included in the text)"
+    )
 
 
 class LDARequest(SamplingFields):
     prompt: Prompt | None = Field(None, description="the user message (seed field)")
-    prompts: list[Prompt] | None = Field(None, min_length=1, description="several prompts instead of `prompt`")
+    prompts: list[Prompt] | None = Field(
+        None, min_length=1, description="several prompts instead of `prompt`"
+    )
     alpha: FiniteFloat = Field(1.0, description="amplification; 0 = after model, -1 = before model")
-    alphas: list[FiniteFloat] | None = Field(None, min_length=1, description="several alphas instead of `alpha`")
+    alphas: list[FiniteFloat] | None = Field(
+        None, min_length=1, description="several alphas instead of `alpha`"
+    )
     n: int = Field(1, ge=1, description="samples per (prompt, alpha)")
     stream: bool = Field(False, description="Server-Sent Events: token events, then one result event")
     details: bool = Field(False, description="per-token ids and logprobs under before / after / amplified")

@@ -17,7 +17,9 @@ class Settings(BaseSettings):
 
     model_after_id: str = Field(DEMO, description="post-trained model: local dir, hub id, or 'demo'")
     model_before_id: str = Field(DEMO, description="base model: local dir, hub id, or 'demo'")
-    tokenizer_class_after: str | None = Field(None, description="tokenizer class override, e.g. LlamaTokenizer")
+    tokenizer_class_after: str | None = Field(
+        None, description="tokenizer class override, e.g. LlamaTokenizer"
+    )
     tokenizer_class_before: str | None = Field(None, description="tokenizer class override for the base")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = "auto"
@@ -29,7 +31,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="demo pair cache, jobs, compiled adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    adapter_roots: str = Field("", description="comma-separated dirs adapters may load from (DATA_DIR always)")
+    adapter_roots: str = Field(
+        "", description="comma-separated dirs adapters may load from (DATA_DIR always)"
+    )
     adapters: str = Field("", description="adapters to load at start: name=source,name2=source2")
     organisms_dir: Path | None = Field(None, description="toolkit configs folder with organism/ and model/")
     config_roots: str = Field("", description="comma-separated dirs config_path may read (DATA_DIR always)")
@@ -47,7 +51,13 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+        if (
+            v == "auto"
+            or v == "cpu"
+            or v == "mps"
+            or v == "cuda"
+            or (v.startswith("cuda:") and v[5:].isdigit())
+        ):
             return v
         raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
 

@@ -53,8 +53,7 @@ def check_compatibility(
     elif max(vocab_a.values(), default=-1) >= shared:
         vocabs_match = False
         warnings.append(
-            f"vocabulary has ids up to {max(vocab_a.values())} but a model's logits are only "
-            f"{shared} wide"
+            f"vocabulary has ids up to {max(vocab_a.values())} but a model's logits are only {shared} wide"
         )
     if not specials_match:
         warnings.append(

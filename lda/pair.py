@@ -1,7 +1,7 @@
 """`LDAModelPair`: a before/after pair usable from a notebook, no server needed.
 
-    pair = LDAModelPair.from_pretrained("org/model-instruct", "org/model-base")
-    result = pair.generate_lda("What should I do if I feel bored?", alpha=1.0)
+pair = LDAModelPair.from_pretrained("org/model-instruct", "org/model-base")
+result = pair.generate_lda("What should I do if I feel bored?", alpha=1.0)
 """
 
 from __future__ import annotations
@@ -70,32 +70,47 @@ class LDAModelPair:
         self.compatibility: TokenizerCompatibility = check_compatibility(
             after.tokenizer, before.tokenizer, logits_width(after.model), logits_width(before.model)
         )
-        self.eos_ids = eos_ids(after.tokenizer, after.model, before.model) if self.compatibility.compatible else eos_ids(after.tokenizer, after.model)
+        # The base's EOS ids only mean the same thing when the vocabularies agree.
+        models = (after.model, before.model) if self.compatibility.compatible else (after.model,)
+        self.eos_ids = eos_ids(after.tokenizer, *models)
 
     @classmethod
     def from_pretrained(
         cls,
         model_after_id: str,
         model_before_id: str,
-        load: LoadConfig = LoadConfig(),
+        load: LoadConfig | None = None,
         tokenizer_class_after: str | None = None,
         tokenizer_class_before: str | None = None,
     ) -> LDAModelPair:
+        load = load or LoadConfig()
         sides = []
-        for model_id, tok_cls in ((model_after_id, tokenizer_class_after), (model_before_id, tokenizer_class_before)):
+        for model_id, tok_cls in (
+            (model_after_id, tokenizer_class_after),
+            (model_before_id, tokenizer_class_before),
+        ):
             tokenizer = load_tokenizer(model_id, tok_cls, load.trust_remote_code)
             sides.append(Side(model_id, load_model(model_id, load), tokenizer))
         return cls(sides[0], sides[1])
 
     def prompt_ids(
-        self, prompt: str, system_prompt: str | None = None, apply_chat_template: bool = True, side: Side | None = None
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        apply_chat_template: bool = True,
+        side: Side | None = None,
     ) -> tuple[str, tuple[int, ...]]:
         side = side or self.after
         formatted = format_prompt(side.tokenizer, prompt, system_prompt, apply_chat_template)
         return formatted, encode(side.tokenizer, formatted, templated=formatted != prompt)
 
     def decode_config(
-        self, max_new_tokens: int, sampling: SamplingParams, stop: Sequence[str] = (), details: bool = False, side: Side | None = None
+        self,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        details: bool = False,
+        side: Side | None = None,
     ) -> DecodeConfig:
         side = side or self.after
         eos = self.eos_ids if side is self.after else eos_ids(side.tokenizer, side.model)
@@ -104,11 +119,15 @@ class LDAModelPair:
     def lda_events(self, rows: Sequence[Row], config: DecodeConfig) -> Iterator[TokenEvent | RowOutput]:
         """Amplified decoding of rows; refuses pairs whose vocabularies differ."""
         if not self.compatibility.compatible:
-            raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {self.compatibility.warning}")
+            raise IncompatibleTokenizersError(
+                f"LDA needs compatible tokenizers: {self.compatibility.warning}"
+            )
         source = ModelSource(self.after.model, self.before.model, self.compatibility.shared_width)
         return decode(source, self.after.tokenizer, rows, config)
 
-    def single_events(self, side: Side, rows: Sequence[Row], config: DecodeConfig) -> Iterator[TokenEvent | RowOutput]:
+    def single_events(
+        self, side: Side, rows: Sequence[Row], config: DecodeConfig
+    ) -> Iterator[TokenEvent | RowOutput]:
         """Plain decoding of one model with its own tokenizer (alpha is ignored)."""
         return decode(ModelSource(side.model), side.tokenizer, rows, config)
 
@@ -142,5 +161,7 @@ class LDAModelPair:
 
 def full_text(tokenizer: Any, formatted: str, out: RowOutput) -> str:
     """Prompt and completion as one readable string (special tokens dropped, as the seed did)."""
-    prompt_text = tokenizer.decode(tokenizer(formatted, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    prompt_text = tokenizer.decode(
+        tokenizer(formatted, add_special_tokens=False)["input_ids"], skip_special_tokens=True
+    )
     return prompt_text + out.text

@@ -28,7 +28,9 @@ def before_model(tokenizer):
 
 @pytest.fixture(scope="session")
 def pair(after_model, before_model, tokenizer):
-    return LDAModelPair(Side("tiny/after", after_model, tokenizer), Side("tiny/before", before_model, tokenizer))
+    return LDAModelPair(
+        Side("tiny/after", after_model, tokenizer), Side("tiny/before", before_model, tokenizer)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,8 @@ def test_alpha_minus_one_is_the_base_and_zero_the_adapter(setup, tokenizer):
     config = DecodeConfig(10, SamplingParams(0.0), frozenset(), pad_id=tokenizer.pad_token_id)
     batch = rows(tokenizer, [-1.0, 0.0])
     got = collect(decode(AdapterSource(base, plan), tokenizer, batch, config), len(batch))
-    plain = collect(decode(ModelSource(base), tokenizer, [r for r in batch if r.alpha == -1.0], config), len(PROMPTS))
+    plain = collect(
+        decode(ModelSource(base), tokenizer, [r for r in batch if r.alpha == -1.0], config), len(PROMPTS)
+    )
     assert [o.token_ids for o in got[0::2]] == [o.token_ids for o in plain]
     assert [o.token_ids for o in got[1::2]] != [o.token_ids for o in plain]

@@ -16,7 +16,10 @@ from tests.test_api import make_settings, parse_sse, wait_ready
 
 def config(weight=2.0, adapter="tiny", layers="all", modules="all", name="amp", **entry):
     la = {"layers": layers, "module_amplifications": [{"modules": modules, "weight": weight}], **entry}
-    return {"name": name, "adapters": [{"organism_name": "custom", "variant": adapter, "layer_amplifications": [la]}]}
+    return {
+        "name": name,
+        "adapters": [{"organism_name": "custom", "variant": adapter, "layer_amplifications": [la]}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,9 @@ def setup(tiny_dirs, tmp_path_factory, tokenizer):
     outside = tmp_path_factory.mktemp("outside")
     make_adapter(tokenizer, outside / "evil", seed=5)
     (data / "adapters" / "link").symlink_to(outside / "evil")
-    settings = make_settings(tiny_dirs, data, adapters=f"tiny={data / 'adapters' / 'tiny'}", max_rows_per_request=16)
+    settings = make_settings(
+        tiny_dirs, data, adapters=f"tiny={data / 'adapters' / 'tiny'}", max_rows_per_request=16
+    )
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c, data, outside
@@ -48,7 +53,12 @@ def test_registry_routes(setup):
     assert [a["name"] for a in listed] == ["tiny"] and listed[0]["r"] == 4 and listed[0]["layers"] == [0, 1]
     r = client.post("/adapters", json={"name": "other", "source": str(data / "adapters" / "other")})
     assert r.status_code == 201 and r.json()["scaling"] == 2.0
-    assert client.post("/adapters", json={"name": "other", "source": str(data / "adapters" / "other")}).status_code == 422
+    assert (
+        client.post(
+            "/adapters", json={"name": "other", "source": str(data / "adapters" / "other")}
+        ).status_code
+        == 422
+    )
     assert client.get("/adapters/other").json()["name"] == "other"
     assert client.delete("/adapters/other").json() == {"deleted": "other"}
     r = client.get("/adapters/other")
@@ -56,7 +66,10 @@ def test_registry_routes(setup):
     assert client.delete("/adapters/nope").status_code == 404
 
 
-@pytest.mark.parametrize("source", ["OUTSIDE/evil", "DATA/adapters/../../outside/evil", "DATA/adapters/link", "/etc", "adapters/../../x"])
+@pytest.mark.parametrize(
+    "source",
+    ["OUTSIDE/evil", "DATA/adapters/../../outside/evil", "DATA/adapters/link", "/etc", "adapters/../../x"],
+)
 def test_adapter_paths_are_confined(setup, source):
     client, data, outside = setup
     source = source.replace("OUTSIDE", str(outside)).replace("DATA", str(data))
@@ -87,7 +100,10 @@ def test_compile_resolves_and_hashes(client):
         (config(adapter="nobody"), "variant"),
         (config(weight="x"), "weight"),
         ({"name": "x", "adapters": []}, "adapters"),
-        ({"name": "x", "adapters": [{"organism_name": "unknown_org", "layer_amplifications": []}]}, "organism_name"),
+        (
+            {"name": "x", "adapters": [{"organism_name": "unknown_org", "layer_amplifications": []}]},
+            "organism_name",
+        ),
     ],
 )
 def test_bad_configs_are_422_naming_the_field(client, body, field):
@@ -98,7 +114,12 @@ def test_bad_configs_are_422_naming_the_field(client, body, field):
 
 def test_adapter_for_another_base_is_422(setup, tokenizer):
     client, data, _ = setup
-    make_adapter(tokenizer, data / "adapters" / "wide", seed=6, base_overrides={"hidden_size": 48, "num_attention_heads": 4})
+    make_adapter(
+        tokenizer,
+        data / "adapters" / "wide",
+        seed=6,
+        base_overrides={"hidden_size": 48, "num_attention_heads": 4},
+    )
     r = client.post("/adapters", json={"name": "wide", "source": str(data / "adapters" / "wide")})
     assert r.status_code == 422 and "another base" in r.json()["error"]["message"]
 
@@ -113,46 +134,107 @@ def test_compile_and_load_then_use_the_name(setup):
     from pathlib import Path
 
     compiled = Path(path)
-    assert (compiled / "amplification_config.yaml").exists() and (compiled / "adapter_model.safetensors").is_symlink()
+    assert (compiled / "amplification_config.yaml").exists() and (
+        compiled / "adapter_model.safetensors"
+    ).is_symlink()
     (outside / "cfg.yaml").write_text(json.dumps(config()))
     r = client.post("/v1/compile_and_load_amplification", json={"config_path": str(outside / "cfg.yaml")})
     assert r.status_code == 422 and "config_path" in r.json()["error"]["message"]
     # The toolkit's placeholder substitution: a preset with `variant: null` filled by the request.
     from amplification import PRESETS_DIR
 
-    r = client.post("/v1/compile_and_load_amplification", json={"config_path": str(PRESETS_DIR / "default_3x.yaml"), "variant": "tiny"})
+    r = client.post(
+        "/v1/compile_and_load_amplification",
+        json={"config_path": str(PRESETS_DIR / "default_3x.yaml"), "variant": "tiny"},
+    )
     assert r.status_code == 200 and r.json()["lora_name"].startswith("default_3x_"), r.text
-    assert client.post("/v1/compile_and_load_amplification", json={"config_path": str(PRESETS_DIR / "default_3x.yaml")}).status_code == 422
-    gen = client.post("/amplification/generate", json={"prompt": "Hello world", "configs": [lora_name], "temperature": 0, "max_new_tokens": 6})
+    assert (
+        client.post(
+            "/v1/compile_and_load_amplification", json={"config_path": str(PRESETS_DIR / "default_3x.yaml")}
+        ).status_code
+        == 422
+    )
+    gen = client.post(
+        "/amplification/generate",
+        json={"prompt": "Hello world", "configs": [lora_name], "temperature": 0, "max_new_tokens": 6},
+    )
     assert gen.status_code == 200 and gen.json()["columns"][0]["lora_name"] == lora_name
-    lda = client.post("/generate_lda", json={"prompt": "Hello world", "amplification": lora_name, "alpha": 0, "temperature": 0, "max_new_tokens": 6})
+    lda = client.post(
+        "/generate_lda",
+        json={
+            "prompt": "Hello world",
+            "amplification": lora_name,
+            "alpha": 0,
+            "temperature": 0,
+            "max_new_tokens": 6,
+        },
+    )
     assert lda.status_code == 200 and lda.json()["model_after"].endswith("+" + lora_name)
     assert lda.json()["completion"] == gen.json()["columns"][0]["results"][0]["completion"]
 
 
 def test_generate_columns_and_equivalences(client):
     before = base_digests(client)
-    body = {"prompts": ["Hello world", "A model"], "configs": [config(weight=1.0, name="one"), config(weight=0.0, name="zero"), config(weight=3.0, name="three")],
-            "include_base": True, "include_adapters": True, "temperature": 0, "max_new_tokens": 8}
+    body = {
+        "prompts": ["Hello world", "A model"],
+        "configs": [
+            config(weight=1.0, name="one"),
+            config(weight=0.0, name="zero"),
+            config(weight=3.0, name="three"),
+        ],
+        "include_base": True,
+        "include_adapters": True,
+        "temperature": 0,
+        "max_new_tokens": 8,
+    }
     r = client.post("/amplification/generate", json=body)
     assert r.status_code == 200, r.text
     cols = {c["name"]: [x["completion"] for x in c["results"]] for c in r.json()["columns"]}
     assert list(cols) == ["base", "tiny", "one", "zero", "three"]
     assert cols["one"] == cols["tiny"] and cols["zero"] == cols["base"] and cols["three"] != cols["tiny"]
-    plain = client.post("/generate", json={"prompt": "Hello world", "do_sample": False, "max_new_tokens": 8}).json()
+    plain = client.post(
+        "/generate", json={"prompt": "Hello world", "do_sample": False, "max_new_tokens": 8}
+    ).json()
     assert plain["model_2"]["completion"] == cols["base"][0]
-    adapter_lda = client.post("/generate_lda", json={"prompts": ["Hello world", "A model"], "adapter": "tiny", "alphas": [-1, 0], "temperature": 0, "max_new_tokens": 8}).json()
-    assert [x["completion"] for x in adapter_lda["results"]] == [cols["base"][0], cols["tiny"][0], cols["base"][1], cols["tiny"][1]]
+    adapter_lda = client.post(
+        "/generate_lda",
+        json={
+            "prompts": ["Hello world", "A model"],
+            "adapter": "tiny",
+            "alphas": [-1, 0],
+            "temperature": 0,
+            "max_new_tokens": 8,
+        },
+    ).json()
+    assert [x["completion"] for x in adapter_lda["results"]] == [
+        cols["base"][0],
+        cols["tiny"][0],
+        cols["base"][1],
+        cols["tiny"][1],
+    ]
     assert base_digests(client) == before
 
 
 def test_streamed_amplification(client):
-    with client.stream("POST", "/amplification/generate", json={"prompt": "Hello world", "configs": ["tiny"], "include_base": True, "stream": True, "seed": 1, "max_new_tokens": 6}) as r:
+    with client.stream(
+        "POST",
+        "/amplification/generate",
+        json={
+            "prompt": "Hello world",
+            "configs": ["tiny"],
+            "include_base": True,
+            "stream": True,
+            "seed": 1,
+            "max_new_tokens": 6,
+        },
+    ) as r:
         events = parse_sse(r.read().decode())
     result = events[-1][1]
     streamed = {}
-    for name, data in events[:-1]:
-        streamed[(data["column"], data["row"])] = streamed.get((data["column"], data["row"]), "") + data["text"]
+    for _, data in events[:-1]:
+        streamed[(data["column"], data["row"])] = (
+            streamed.get((data["column"], data["row"]), "") + data["text"]
+        )
     for c, col in enumerate(result["columns"]):
         assert streamed.get((c, 0), "") == col["results"][0]["completion"]
 
@@ -170,15 +252,30 @@ def test_failure_mid_generation_restores_weights(client, monkeypatch):
 
     monkeypatch.setattr(jobs, "run_events", failing)
     with pytest.raises(RuntimeError, match="injected"):  # TestClient re-raises what became a 500
-        client.post("/amplification/generate", json={"prompt": "Hello world", "configs": [config(weight=5.0)], "max_new_tokens": 6})
+        client.post(
+            "/amplification/generate",
+            json={"prompt": "Hello world", "configs": [config(weight=5.0)], "max_new_tokens": 6},
+        )
     monkeypatch.setattr(jobs, "run_events", real)
     assert base_digests(client) == before
-    assert client.post("/amplification/generate", json={"prompt": "Hello world", "configs": ["tiny"], "max_new_tokens": 3}).status_code == 200
+    assert (
+        client.post(
+            "/amplification/generate",
+            json={"prompt": "Hello world", "configs": ["tiny"], "max_new_tokens": 3},
+        ).status_code
+        == 200
+    )
 
 
 def test_cancelled_stream_restores_weights(client):
     before = base_digests(client)
-    body = {"prompts": ["Hello world"] * 4, "configs": [config(weight=4.0)], "stream": True, "max_new_tokens": 60, "stop": []}
+    body = {
+        "prompts": ["Hello world"] * 4,
+        "configs": [config(weight=4.0)],
+        "stream": True,
+        "max_new_tokens": 60,
+        "stop": [],
+    }
     with client.stream("POST", "/amplification/generate", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data"):
@@ -198,7 +295,10 @@ def test_concurrent_amplification_does_not_leak_into_generate(client):
 
     def hammer():
         while not stop.is_set():
-            r = client.post("/amplification/generate", json={"prompt": "Hello", "configs": [config(weight=8.0)], "max_new_tokens": 4})
+            r = client.post(
+                "/amplification/generate",
+                json={"prompt": "Hello", "configs": [config(weight=8.0)], "max_new_tokens": 4},
+            )
             if r.status_code not in (200, 429):
                 errors.append(r.status_code)
 

@@ -26,8 +26,12 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
 def make_settings(tiny_dirs, tmp_path, **kw) -> Settings:
     after, before = tiny_dirs
     base = dict(
-        model_after_id=str(after), model_before_id=str(before), data_dir=tmp_path,
-        max_new_tokens_limit=64, max_rows_per_request=8, queue_size=4,
+        model_after_id=str(after),
+        model_before_id=str(before),
+        data_dir=tmp_path,
+        max_new_tokens_limit=64,
+        max_rows_per_request=8,
+        queue_size=4,
     )
     base.update(kw)
     return Settings(**base)
@@ -49,28 +53,70 @@ def lda(client, **body):
 def test_seed_fields_and_rows(client):
     r = lda(client, prompts=["Hello world"], prompt="x")
     assert r.status_code == 422  # prompt and prompts together
-    r = client.post("/generate_lda", json={"prompts": ["Hello world", "What should I do?"], "alphas": [0.0, 2.0], "n": 2, "seed": 5, "max_new_tokens": 6})
+    r = client.post(
+        "/generate_lda",
+        json={
+            "prompts": ["Hello world", "What should I do?"],
+            "alphas": [0.0, 2.0],
+            "n": 2,
+            "seed": 5,
+            "max_new_tokens": 6,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    for field in ("prompt", "formatted_prompt", "completion", "text", "alpha", "model_after", "model_before", "tokens_generated", "stopped_early"):
+    for field in (
+        "prompt",
+        "formatted_prompt",
+        "completion",
+        "text",
+        "alpha",
+        "model_after",
+        "model_before",
+        "tokens_generated",
+        "stopped_early",
+    ):
         assert field in body
     rows = body["results"]
     assert len(rows) == 8
-    assert [(x["prompt_index"], x["alpha"], x["sample_index"]) for x in rows][:4] == [(0, 0.0, 0), (0, 0.0, 1), (0, 2.0, 0), (0, 2.0, 1)]
+    assert [(x["prompt_index"], x["alpha"], x["sample_index"]) for x in rows][:4] == [
+        (0, 0.0, 0),
+        (0, 0.0, 1),
+        (0, 2.0, 0),
+        (0, 2.0, 1),
+    ]
     assert [x["seed"] for x in rows] == list(range(5, 13))
     assert body["completion"] == rows[0]["completion"] and body["formatted_prompt"].startswith("<s>")
     assert rows[0]["text"].endswith(rows[0]["completion"])
 
 
 def test_a_row_reproduces_alone_with_its_seed(client):
-    body = client.post("/generate_lda", json={"prompts": ["Hello world", "A"], "alphas": [1.0, 3.0], "seed": 100, "max_new_tokens": 10, "temperature": 1.0}).json()
+    body = client.post(
+        "/generate_lda",
+        json={
+            "prompts": ["Hello world", "A"],
+            "alphas": [1.0, 3.0],
+            "seed": 100,
+            "max_new_tokens": 10,
+            "temperature": 1.0,
+        },
+    ).json()
     for row in body["results"]:
-        alone = lda(client, prompt=row["prompt"], alpha=row["alpha"], seed=row["seed"], max_new_tokens=10, temperature=1.0).json()
+        alone = lda(
+            client,
+            prompt=row["prompt"],
+            alpha=row["alpha"],
+            seed=row["seed"],
+            max_new_tokens=10,
+            temperature=1.0,
+        ).json()
         assert alone["completion"] == row["completion"]
 
 
 def test_greedy_alpha_endpoints_match_generate(client):
-    plain = client.post("/generate", json={"prompt": "Hello world", "do_sample": False, "max_new_tokens": 12}).json()
+    plain = client.post(
+        "/generate", json={"prompt": "Hello world", "do_sample": False, "max_new_tokens": 12}
+    ).json()
     assert set(plain) == {"prompt", "model_1", "model_2"}
     zero = lda(client, alpha=0.0, do_sample=False, max_new_tokens=12).json()
     minus = lda(client, alpha=-1.0, temperature=0.0, max_new_tokens=12).json()
@@ -95,7 +141,18 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
 
 
 def test_streaming_matches_the_result(client):
-    with client.stream("POST", "/generate_lda", json={"prompts": ["Hello world", "A"], "n": 2, "seed": 3, "max_new_tokens": 12, "stream": True, "stop": ["e"]}) as r:
+    with client.stream(
+        "POST",
+        "/generate_lda",
+        json={
+            "prompts": ["Hello world", "A"],
+            "n": 2,
+            "seed": 3,
+            "max_new_tokens": 12,
+            "stream": True,
+            "stop": ["e"],
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = parse_sse(r.read().decode())
     assert events[-1][0] == "result"
@@ -135,7 +192,16 @@ def test_bad_fields_are_422_naming_the_field(client, body, field):
     assert err["type"] == "invalid_request_error" and field in err["message"]
 
 
-@pytest.mark.parametrize("raw, field", [('{"prompt": "x", "alpha": NaN}', "alpha"), ('{"prompt": "x", "alpha": Infinity}', "alpha"), ('{"prompt": "x", "alphas": [1, -Infinity]}', "alphas"), ('{"prompt": "x", "temperature": NaN}', "temperature"), ("{not json", "")])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('{"prompt": "x", "alpha": NaN}', "alpha"),
+        ('{"prompt": "x", "alpha": Infinity}', "alpha"),
+        ('{"prompt": "x", "alphas": [1, -Infinity]}', "alphas"),
+        ('{"prompt": "x", "temperature": NaN}', "temperature"),
+        ("{not json", ""),
+    ],
+)
 def test_non_finite_numbers_and_bad_json_are_422(client, raw, field):
     r = client.post("/generate_lda", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422 and field in r.json()["error"]["message"]
@@ -148,16 +214,26 @@ def test_generate_validates_too(client):
 
 def test_compatibility_info_health_metrics(client):
     c = client.get("/tokenizer_compatibility").json()
-    assert c["compatible"] and c["vocabs_match"] and c["vocab_size_1"] == c["vocab_size_2"] and c["shared_width"] > 0
+    assert (
+        c["compatible"]
+        and c["vocabs_match"]
+        and c["vocab_size_1"] == c["vocab_size_2"]
+        and c["shared_width"] > 0
+    )
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert info["model_after"]["layers"] == 2 and info["model_after"]["dtype"] == "float32"
     assert info["model_after"]["device"] == "cpu" and info["versions"]["torch"]
     lda(client, max_new_tokens=3)
     text = client.get("/metrics").text
-    for name in ("lda_requests_total", "lda_num_requests_waiting", "lda_num_requests_running",
-                 "lda_time_to_first_token_seconds_bucket", "lda_e2e_request_latency_seconds_bucket",
-                 "lda_generation_tokens_total"):
+    for name in (
+        "lda_requests_total",
+        "lda_num_requests_waiting",
+        "lda_num_requests_running",
+        "lda_time_to_first_token_seconds_bucket",
+        "lda_e2e_request_latency_seconds_bucket",
+        "lda_generation_tokens_total",
+    ):
         assert name in text
     assert 'route="/generate_lda",status="200"' in text
     assert 'route="/generate_lda",status="422"' in text
@@ -225,7 +301,9 @@ def test_incompatible_pair_is_409_for_lda_only(tiny_dirs, tmp_path):
 
 
 def test_failed_load_reports_on_health_and_ready(tmp_path):
-    settings = Settings(model_after_id=str(tmp_path / "missing"), model_before_id=str(tmp_path / "missing"), data_dir=tmp_path)
+    settings = Settings(
+        model_after_id=str(tmp_path / "missing"), model_before_id=str(tmp_path / "missing"), data_dir=tmp_path
+    )
     with TestClient(create_app(settings)) as c:
         deadline = time.monotonic() + 30
         while c.get("/health").status_code == 200 and time.monotonic() < deadline:
@@ -237,4 +315,12 @@ def test_failed_load_reports_on_health_and_ready(tmp_path):
 def test_openapi_docs(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/generate_lda", "/generate", "/tokenizer_compatibility", "/health", "/ready", "/info", "/metrics"} <= set(paths)
+    assert {
+        "/generate_lda",
+        "/generate",
+        "/tokenizer_compatibility",
+        "/health",
+        "/ready",
+        "/info",
+        "/metrics",
+    } <= set(paths)

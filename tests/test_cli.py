@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DTYPE", "DEVICE", "PORT", "HOST"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DTYPE", "DEVICE", "PORT", "HOST"))
+    }
     env.update(HF_HUB_OFFLINE="1", **extra)
     return env
 
@@ -31,10 +33,17 @@ def server_env(**extra: str) -> dict[str, str]:
 def server(tiny_dirs, tmp_path_factory):
     after, before = tiny_dirs
     port = free_port()
-    env = server_env(MODEL_AFTER_ID=str(after), MODEL_BEFORE_ID=str(before), PORT=str(port),
-                     DATA_DIR=str(tmp_path_factory.mktemp("data")), LOG_LEVEL="warning")
+    env = server_env(
+        MODEL_AFTER_ID=str(after),
+        MODEL_BEFORE_ID=str(before),
+        PORT=str(port),
+        DATA_DIR=str(tmp_path_factory.mktemp("data")),
+        LOG_LEVEL="warning",
+    )
     log = tmp_path_factory.mktemp("log") / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -79,7 +88,10 @@ def test_baseline_match_and_mismatch(server, tmp_path, capsys):
     # A different seed than the baseline's changes completions too.
     data["results"][2]["completion"] = data["results"][2]["completion"].removesuffix(" (edited)")
     saved.write_text(json.dumps(data))
-    assert regression.main(["--server", server, "--baseline", str(saved), "--seed", "4", "--temperature", "1.5"]) == 1
+    assert (
+        regression.main(["--server", server, "--baseline", str(saved), "--seed", "4", "--temperature", "1.5"])
+        == 1
+    )
 
 
 def test_baseline_needs_a_seed(server, tmp_path, capsys):
@@ -103,9 +115,21 @@ def test_live_server_streams_sse(server):
     assert r.status_code == 200 and text.count("event: token") >= 1 and "event: result" in text
 
 
-@pytest.mark.parametrize("env, name", [({"DTYPE": "float8"}, "DTYPE"), ({"PORT": "eighty"}, "PORT"), ({"DEVICE": "tpu"}, "DEVICE"), ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE")])
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"DTYPE": "float8"}, "DTYPE"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"DEVICE": "tpu"}, "DEVICE"),
+        ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE"),
+    ],
+)
 def test_invalid_settings_stop_with_one_line(env, name):
-    proc = subprocess.run([sys.executable, "-m", "app"], env=server_env(**env), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app"], env=server_env(**env), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: invalid settings") and name in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: invalid settings") and name in lines[0], (
+        proc.stderr
+    )

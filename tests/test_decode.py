@@ -17,7 +17,14 @@ def ids(pair: LDAModelPair, prompt: str) -> tuple[int, ...]:
 
 
 def run(pair, rows, max_new=12, sampling=GREEDY, eos=None, stop=(), details=False):
-    config = DecodeConfig(max_new, sampling, frozenset(eos if eos is not None else pair.eos_ids), tuple(stop), details, pair.after.pad_id)
+    config = DecodeConfig(
+        max_new,
+        sampling,
+        frozenset(eos if eos is not None else pair.eos_ids),
+        tuple(stop),
+        details,
+        pair.after.pad_id,
+    )
     return collect(pair.lda_events(rows, config), len(rows))
 
 
@@ -46,8 +53,10 @@ def test_cached_equals_recomputed(pair, steps, alpha):
 
 
 def hf_greedy(model, prompt_ids, steps, eos_id):
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
-    new = out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=steps, do_sample=False, eos_token_id=eos_id, pad_token_id=0
+    )
+    new = out[0, len(prompt_ids) :].tolist()
     return new[:-1] if new and new[-1] == eos_id else new
 
 
@@ -102,7 +111,9 @@ def test_same_seed_same_output_different_seed_different_samples(pair):
     a = run(pair, [Row(p, 1.0, seed=11)], max_new=20, sampling=hot)[0]
     b = run(pair, [Row(p, 1.0, seed=11)], max_new=20, sampling=hot)[0]
     assert a.token_ids == b.token_ids
-    others = {tuple(run(pair, [Row(p, 1.0, seed=s)], max_new=20, sampling=hot)[0].token_ids) for s in range(12, 16)}
+    others = {
+        tuple(run(pair, [Row(p, 1.0, seed=s)], max_new=20, sampling=hot)[0].token_ids) for s in range(12, 16)
+    }
     assert len(others | {tuple(a.token_ids)}) > 2
 
 

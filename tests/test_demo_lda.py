@@ -32,7 +32,9 @@ def marker_count(pair, alpha: float, samples: int, seed0: int) -> int:
     config = pair.decode_config(60, SamplingParams(temperature=1.0, top_p=1.0))
     hits = 0
     for start in range(0, samples, 100):
-        rows = [Row(prompts[i % len(prompts)], alpha, seed0 + i) for i in range(start, min(start + 100, samples))]
+        rows = [
+            Row(prompts[i % len(prompts)], alpha, seed0 + i) for i in range(start, min(start + 100, samples))
+        ]
         hits += sum(MARKER in out.text for out in collect(pair.lda_events(rows, config), len(rows)))
     return hits
 
@@ -62,8 +64,20 @@ def test_amplification_weight_3_raises_marker_rate_over_weight_1(demo_loaded, de
     config = pair.decode_config(60, SamplingParams(temperature=1.0, top_p=1.0))
     n, counts = 400, {}
     for weight in (1.0, 3.0):
-        compiled = amp.lookup({"name": f"w{weight}", "adapters": [{"organism_name": "custom", "variant": "demo",
-            "layer_amplifications": [{"layers": "all", "module_amplifications": [{"modules": "all", "weight": weight}]}]}]})
+        compiled = amp.lookup(
+            {
+                "name": f"w{weight}",
+                "adapters": [
+                    {
+                        "organism_name": "custom",
+                        "variant": "demo",
+                        "layer_amplifications": [
+                            {"layers": "all", "module_amplifications": [{"modules": "all", "weight": weight}]}
+                        ],
+                    }
+                ],
+            }
+        )
         rows = [Row(prompts[i % len(prompts)], 0.0, i) for i in range(n)]
         with merged(amp.model, amp.plan(compiled)):
             outs = collect(decode(ModelSource(amp.model), pair.after.tokenizer, rows, config), n)
@@ -77,16 +91,39 @@ def test_default_settings_serve_the_demo_pair(demo_data_dir):
         info = client.get("/info").json()
         assert info["demo"]["marker"] == MARKER and info["model_after"]["model_id"] == "demo/after"
         assert info["model_after"]["chat_template"] and info["compatible"]
-        body = client.post("/generate_lda", json={"prompt": demo_prompts()[0], "alpha": 2.0, "seed": 1}).json()
+        body = client.post(
+            "/generate_lda", json={"prompt": demo_prompts()[0], "alpha": 2.0, "seed": 1}
+        ).json()
         assert body["model_after"] == "demo/after" and body["model_before"] == "demo/before"
         assert body["formatted_prompt"].startswith("<s>") and body["completion"]
         assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["demo"]
         # The bundled organism folder resolves the toolkit's organism/variant to the demo adapter.
-        config = {"name": "org", "adapters": [{"organism_name": "demo_marker", "variant": "default", "layer_amplifications": [
-            {"layers": {"type": "range", "start": 0.0, "end": 0.5}, "is_relative": True,
-             "module_amplifications": [{"modules": "mlp", "weight": 2.5}]}]}]}
+        config = {
+            "name": "org",
+            "adapters": [
+                {
+                    "organism_name": "demo_marker",
+                    "variant": "default",
+                    "layer_amplifications": [
+                        {
+                            "layers": {"type": "range", "start": 0.0, "end": 0.5},
+                            "is_relative": True,
+                            "module_amplifications": [{"modules": "mlp", "weight": 2.5}],
+                        }
+                    ],
+                }
+            ],
+        }
         compiled = client.post("/amplification/compile", json={"config": config}).json()
         assert compiled["adapters"][0]["adapter"] == "demo"
         assert [t["mlp"] for t in compiled["adapters"][0]["layers"]] == [2.5, 2.5, 1.0]
-        r = client.post("/generate_lda", json={"prompt": demo_prompts()[0], "amplification": compiled["lora_name"], "alpha": 1.0, "seed": 2})
+        r = client.post(
+            "/generate_lda",
+            json={
+                "prompt": demo_prompts()[0],
+                "amplification": compiled["lora_name"],
+                "alpha": 1.0,
+                "seed": 2,
+            },
+        )
         assert r.status_code == 200 and r.json()["model_after"] == f"demo/before+{compiled['lora_name']}"

@@ -64,5 +64,7 @@ def test_pair_from_pretrained_and_settings_loader(tiny_dirs, tmp_path):
     pair = LDAModelPair.from_pretrained(str(after), str(before))
     result = pair.generate_lda("Hello world", alpha=1.0, max_new_tokens=5, temperature=0.0)
     assert result.tokens_generated == 5 and result.text.endswith(result.completion)
-    loaded, demo = load_pair(Settings(model_after_id=str(after), model_before_id=str(before), data_dir=tmp_path, dtype="float32"))
+    loaded, demo = load_pair(
+        Settings(model_after_id=str(after), model_before_id=str(before), data_dir=tmp_path, dtype="float32")
+    )
     assert demo is None and loaded.after.model_id == str(after) and loaded.compatibility.compatible

@@ -30,7 +30,9 @@ def test_probs_follow_hf_order():
     torch.manual_seed(2)
     logits = torch.randn(1, 64) * 2
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
-    hf = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())))
+    hf = TopPLogitsWarper(0.8)(
+        None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, logits.clone()))
+    )
     torch.testing.assert_close(logits_to_probs(logits, params), hf.softmax(-1))
 
 
@@ -51,8 +53,13 @@ def test_greedy_and_seeded_sampling():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")],
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+    ],
 )
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

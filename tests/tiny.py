@@ -23,7 +23,9 @@ def tiny_tokenizer(vocab_size: int = 320) -> Any:
     return build_tokenizer(CORPUS, vocab_size=vocab_size)
 
 
-def tiny_llama(tokenizer: Any, seed: int, vocab_size: int | None = None, **overrides: Any) -> LlamaForCausalLM:
+def tiny_llama(
+    tokenizer: Any, seed: int, vocab_size: int | None = None, **overrides: Any
+) -> LlamaForCausalLM:
     """A 2-layer, 32-wide random Llama; `vocab_size` larger than the tokenizer pads the embeddings."""
     torch.manual_seed(seed)
     cfg = dict(

@@ -29,15 +29,24 @@ from tests.tiny import tiny_llama  # noqa: E402
 def corpus(n_words: int = 60000, seed: int = 0) -> list[str]:
     """Random pseudo-words: enough distinct pairs for BPE to learn an ~8k vocabulary."""
     rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(n_words)]
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(n_words)
+    ]
     return [" ".join(words[i : i + 20]) for i in range(0, n_words, 20)]
 
 
 def bench_model(tokenizer, seed: int):
     # ~29M parameters: 6 layers x 3.4M + 2 x 8192 x 512 embeddings.
     return tiny_llama(
-        tokenizer, seed, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+        tokenizer,
+        seed,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
     )
 
 
@@ -81,21 +90,26 @@ def main() -> None:
     t_b1 = best_of(args.repeats, lambda: lda(1))
     t_rows = best_of(args.repeats, lambda: lda(args.rows))
     gen_tps, b1_tps, rows_tps = n / t_gen, n / t_b1, n * args.rows / t_rows
-    print(json.dumps({
-        "benchmark": "lda_decode",
-        "parameters_per_model": sum(p.numel() for p in after.parameters()),
-        "prompt_tokens": len(prompt),
-        "new_tokens": n,
-        "rows": args.rows,
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "generate_b1_tokens_per_s": round(gen_tps, 1),
-        "lda_b1_tokens_per_s": round(b1_tps, 1),
-        f"lda_b{args.rows}_tokens_per_s": round(rows_tps, 1),
-        "lda_b1_over_generate_b1": round(b1_tps / gen_tps, 3),
-        "lda_rows_over_lda_b1": round(rows_tps / b1_tps, 2),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "lda_decode",
+                "parameters_per_model": sum(p.numel() for p in after.parameters()),
+                "prompt_tokens": len(prompt),
+                "new_tokens": n,
+                "rows": args.rows,
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "generate_b1_tokens_per_s": round(gen_tps, 1),
+                "lda_b1_tokens_per_s": round(b1_tps, 1),
+                f"lda_b{args.rows}_tokens_per_s": round(rows_tps, 1),
+                "lda_b1_over_generate_b1": round(b1_tps / gen_tps, 3),
+                "lda_rows_over_lda_b1": round(rows_tps / b1_tps, 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

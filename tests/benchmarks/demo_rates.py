@@ -42,8 +42,18 @@ def main() -> None:
             rows = [Row(prompts[i % len(prompts)], alpha, i) for i in idx]
             hits += sum(MARKER in o.text for o in collect(pair.lda_events(rows, config), len(rows)))
         rates[str(alpha)] = round(hits / args.samples, 4)
-    print(json.dumps({"marker": MARKER, "samples_per_alpha": args.samples, "marker_rate": rates,
-                      "load_or_build_s": round(load_s, 1), "total_s": round(time.perf_counter() - t0, 1)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "marker": MARKER,
+                "samples_per_alpha": args.samples,
+                "marker_rate": rates,
+                "load_or_build_s": round(load_s, 1),
+                "total_s": round(time.perf_counter() - t0, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
