@@ -1,0 +1,3 @@
+from weightdiff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Samples to token ids and labels, and right-padded task-major micro-batches.
+
+A sample is plain text (loss on every token after the first) or a chat (loss only on the
+assistant turns). Assistant spans come from the tokenizer's own chat template: the characters
+between the templated prefix with a generation prompt and the templated prefix through that
+turn, mapped to tokens with the fast tokenizer's offsets, so no per-model marker strings are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE = -100
+Sample = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One diff to train: its samples (plain text or chat messages) and its own seed.
+
+    `seed` None takes `TrainConfig.seed + the task's index` (the CLI uses the index in the job
+    file, so sharding over processes does not change it).
+    """
+
+    samples: Sequence[Sample]
+    seed: int | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, str) or not isinstance(self.samples, Sequence) or not self.samples:
+            raise ValueError(f"samples must be a non-empty list, got {self.samples!r:.80}")
+        for i, sample in enumerate(self.samples):
+            check_sample(sample, f"samples[{i}]")
+        object.__setattr__(self, "samples", tuple(self.samples))
+
+
+def check_sample(sample: Any, where: str) -> None:
+    if isinstance(sample, str):
+        if not sample.strip():
+            raise ValueError(f"{where}: empty text {sample!r}")
+        return
+    if not isinstance(sample, Sequence) or not sample:
+        raise ValueError(f"{where}: expected text or a non-empty list of chat messages, got {sample!r:.80}")
+    for j, message in enumerate(sample):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(
+                f"{where}[{j}]: expected a message with 'role' and 'content', got {message!r:.80}"
+            )
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}[{j}].content: expected text, got {message.get('content')!r:.80}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in sample):
+        raise ValueError(f"{where}: a chat sample needs a non-empty assistant message to learn from")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    labels: list[int]  # IGNORE where a token is not a target; position 0 never is
+
+    @property
+    def num_targets(self) -> int:
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+def _template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The templated chat and the character spans of its assistant turns (end tokens included)."""
+    text = _template(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _template(tokenizer, messages[:i], True)
+        through = _template(tokenizer, messages[: i + 1], False)
+        # A template that renders earlier turns differently once later ones exist (e.g. one that
+        # drops reasoning from past turns) has no prefix structure; refuse instead of guessing.
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError(f"chat template does not render message {i} as a prefix of the conversation")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_sample(tokenizer: Any, sample: Sample) -> Encoded:
+    """Token ids and labels of one sample; raises ValueError when nothing is left to learn."""
+    if isinstance(sample, str):
+        ids = tokenizer(sample, add_special_tokens=True)["input_ids"]
+        encoded = Encoded(list(ids), list(ids))
+    else:
+        text, spans = assistant_spans(tokenizer, list(sample))
+        # The template already holds any BOS, so no special tokens are added again.
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            tok if any(lo <= start < hi for lo, hi in spans) else IGNORE
+            for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        encoded = Encoded(ids, labels)
+    if encoded.num_targets == 0:
+        raise ValueError(f"sample has no tokens to learn after tokenization: {sample!r:.80}")
+    return encoded
+
+
+def micro_batches(
+    step_samples: Sequence[Sequence[Encoded]], batch_size: int, max_tokens: int | None
+) -> Iterator[list[Encoded | None]]:
+    """Split one step's samples into micro-batches of task-major rows (None: a filler row).
+
+    Micro-batch k holds samples `pos .. pos+b-1` of every task; b is `batch_size`, lowered until
+    `T * b * padded width` fits `max_tokens`. One sample per task is the floor: the tasks share
+    every forward, so a micro-batch cannot be narrower than T rows.
+    """
+    num_tasks = len(step_samples)
+    longest = max(len(samples) for samples in step_samples)
+    pos = 0
+    while pos < longest:
+        b = min(batch_size, longest - pos)
+        while max_tokens is not None and b > 1 and num_tasks * b * _width(step_samples, pos, b) > max_tokens:
+            b -= 1
+        yield [
+            samples[pos + j] if pos + j < len(samples) else None for samples in step_samples for j in range(b)
+        ]
+        pos += b
+
+
+def _width(step_samples: Sequence[Sequence[Encoded]], pos: int, b: int) -> int:
+    return max((len(e.ids) for samples in step_samples for e in samples[pos : pos + b]), default=1)
+
+
+def collate(
+    rows: Sequence[Encoded | None], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels `[N, S]`.
+
+    A filler row is a single attended pad token with no labels: a fully masked row can turn into
+    NaNs inside attention, and a NaN times a zero gradient is still NaN.
+    """
+    width = max((len(r.ids) for r in rows if r is not None), default=1)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row is None:
+            mask[i, 0] = 1
+            continue
+        ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        labels[i, : len(row.labels)] = torch.tensor(row.labels)
+        mask[i, : len(row.ids)] = 1
+    return ids.to(device), mask.to(device), labels.to(device)

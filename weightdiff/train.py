@@ -1,0 +1,281 @@
+"""Train T weight diffs at once, one LoRA per task, with every task independent of the others.
+
+Independence is what makes batching safe: each task's loss is the sum of its own token losses
+over the step divided by its own target-token count (never a mean over the mixed batch, which
+would tie one task's gradient scale to the other tasks' lengths), its factors see only its rows,
+and Adam keeps per-task state (`optim.TaskAdam`). Training T tasks together therefore gives each
+task the factors it would get alone with the same seed, up to float rounding, and splitting a step
+into micro-batches (batch size, accumulation, token budget) does not change the step's gradient.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightdiff.data import IGNORE, Encoded, Task, collate, encode_sample, micro_batches
+from weightdiff.lora import LoRAFactors, bypassed, factors_of, scaling, set_bypass, unwrap, wrap, wrappers
+from weightdiff.optim import TaskAdam
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; defaults are DIT's (`scripts/get_weight_diff.py`: rank 1, lr 1e-3, 1 epoch,
+    plain `torch.optim.Adam`: betas (0.9, 0.999), eps 1e-8, no weight decay; scale 1/r).
+
+    A step takes `batch_size * grad_accum` samples from each task and runs them as `grad_accum`
+    micro-batches of `batch_size` samples per task (fewer when `max_tokens_per_micro_batch`, the
+    padded `tasks * samples * length`, would be exceeded). `steps` set: exactly that many steps,
+    cycling each task's samples; otherwise `epochs` passes over each task's samples, where a
+    task's last step of an epoch may be partial and a task with fewer steps idles at the end.
+    """
+
+    r: int = 1
+    lora_alpha: float | None = None
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_tokens_per_micro_batch: int | None = None
+    shuffle: bool = True
+    seed: int = 0
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("r", self.r, 1)
+        scaling(self.r, self.lora_alpha)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        _check_int("epochs", self.epochs, 1)
+        if self.steps is not None:
+            _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        if self.max_tokens_per_micro_batch is not None:
+            _check_int("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 1)
+        _check_int("seed", self.seed, None)
+        if self.targets is not None:
+            if isinstance(self.targets, str) or not self.targets:
+                raise ValueError(f"targets must be a non-empty list of module names, got {self.targets!r}")
+            object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    @property
+    def scaling(self) -> float:
+        return scaling(self.r, self.lora_alpha)
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        raise ValueError(
+            f"{name} must be an integer{f' >= {minimum}' if minimum is not None else ''}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int  # 1-based
+    total_steps: int
+    losses: tuple[float | None, ...]  # per task; None for a task with no samples this step
+    seconds: float  # this step
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    factors: list[dict[str, LoRAFactors]]  # per task, on the CPU
+    losses: list[list[float]]  # per task, one mean loss per step the task took part in
+    steps_done: int
+    total_steps: int
+    stopped: bool  # should_stop() ended training early
+    seconds: float
+    modules: list[str]
+    config: TrainConfig = field(repr=False)
+
+
+def task_schedule(num_samples: int, config: TrainConfig, seed: int) -> list[list[int]]:
+    """The sample indices of each of one task's steps; the order depends only on the task's seed."""
+    rng = random.Random(seed)
+    per_step = config.batch_size * config.grad_accum
+    steps: list[list[int]] = []
+    epoch = 0
+    while (epoch < config.epochs) if config.steps is None else (len(steps) < config.steps):
+        order = list(range(num_samples))
+        if config.shuffle:
+            rng.shuffle(order)
+        steps += [order[i : i + per_step] for i in range(0, num_samples, per_step)]
+        epoch += 1
+    return steps if config.steps is None else steps[: config.steps]
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of each task's rows `[T]` (rows task-major)."""
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )  # [N, S-1], zero where ignored
+    return losses.sum(1).view(num_tasks, -1).sum(1)
+
+
+class Trainer:
+    """Step-by-step training so a caller can interleave other work and cancel between steps.
+
+    Wraps the model on construction and unwraps it in `close()` (or on leaving a `with` block).
+    Between steps the wrappers are bypassed, so the model generates exactly as the base does.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, tasks: Sequence[Task], config: TrainConfig) -> None:
+        if not tasks:
+            raise ValueError("tasks: need at least one task, got none")
+        self.model, self.config = model, config
+        self.encoded = [
+            [_encode(tokenizer, sample, f"tasks[{i}].samples[{j}]") for j, sample in enumerate(task.samples)]
+            for i, task in enumerate(tasks)
+        ]
+        self.seeds = [config.seed + i if task.seed is None else task.seed for i, task in enumerate(tasks)]
+        self.schedule = [task_schedule(len(enc), config, seed) for enc, seed in zip(self.encoded, self.seeds)]
+        self.total_steps = max(len(s) for s in self.schedule)
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        self.losses: list[list[float]] = [[] for _ in tasks]
+        self.steps_done = 0
+        self.seconds = 0.0
+        self._was_training = model.training
+        # Freeze first so only the LoRA factors created by wrap() require grad.
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in self._requires_grad:
+            p.requires_grad_(False)
+        try:
+            self.modules = wrap(
+                model,
+                config.targets,
+                num_tasks=len(tasks),
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                seed=self.seeds,
+            )
+        except BaseException:
+            self._restore()
+            raise
+        set_bypass(model, True)
+        params = [p for m in wrappers(model).values() for p in (m.down, m.up)]
+        self.optimizer = TaskAdam(params, len(tasks), config.lr, config.betas, config.eps)
+        self.device = model.get_input_embeddings().weight.device
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+    def step(self) -> StepReport:
+        """One optimizer step over every task that still has samples."""
+        if self.done:
+            raise RuntimeError(f"training finished after {self.total_steps} steps")
+        start = time.perf_counter()
+        self.optimizer.zero_grad()  # a step that raised part-way must not leak gradients into this one
+        k = self.steps_done
+        step_samples = [
+            [enc[i] for i in sched[k]] if k < len(sched) else []
+            for enc, sched in zip(self.encoded, self.schedule)
+        ]
+        counts = torch.tensor([sum(e.num_targets for e in s) for s in step_samples], dtype=torch.float32)
+        totals = torch.zeros(len(step_samples))
+        # Eval mode: dropout would draw from one shared RNG and couple the tasks.
+        self.model.eval()
+        with bypassed(self.model, False), torch.enable_grad():
+            for rows in micro_batches(
+                step_samples, self.config.batch_size, self.config.max_tokens_per_micro_batch
+            ):
+                ids, mask, labels = collate(rows, self.pad_id, self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                sums = token_loss_sums(logits, labels, len(step_samples))
+                (sums / counts.to(sums.device).clamp(min=1)).sum().backward()
+                totals += sums.detach().cpu()
+        active = counts > 0
+        self.optimizer.step(active)
+        self.optimizer.zero_grad()
+        losses = tuple(
+            (totals[t] / counts[t]).item() if active[t] else None for t in range(len(step_samples))
+        )
+        for t, loss in enumerate(losses):
+            if loss is not None:
+                self.losses[t].append(loss)
+        self.steps_done += 1
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        return StepReport(self.steps_done, self.total_steps, losses, seconds)
+
+    def factors(self) -> list[dict[str, LoRAFactors]]:
+        return factors_of(self.model)
+
+    def result(self, stopped: bool = False) -> TrainResult:
+        return TrainResult(
+            factors=self.factors(),
+            losses=[list(h) for h in self.losses],
+            steps_done=self.steps_done,
+            total_steps=self.total_steps,
+            stopped=stopped,
+            seconds=self.seconds,
+            modules=list(self.modules),
+            config=self.config,
+        )
+
+    def close(self) -> None:
+        """Put the original Linears back and restore requires_grad and train/eval mode."""
+        unwrap(self.model)
+        self._restore()
+
+    def _restore(self) -> None:
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self.model.train(self._was_training)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _encode(tokenizer: Any, sample: Any, where: str) -> Encoded:
+    try:
+        return encode_sample(tokenizer, sample)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[Task],
+    config: TrainConfig = TrainConfig(),
+    progress: Callable[[StepReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train one LoRA diff per task on `model` (left exactly as it was afterwards).
+
+    Args:
+        progress: called after every step with its `StepReport`.
+        should_stop: checked before every step; True ends training with `stopped=True` and the
+            factors reached so far.
+    """
+    with Trainer(model, tokenizer, tasks, config) as trainer:
+        stopped = False
+        while not trainer.done:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            report = trainer.step()
+            if progress is not None:
+                progress(report)
+        return trainer.result(stopped)
