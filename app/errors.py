@@ -50,6 +50,10 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(409, str(exc), "incompatible_models")
         return error_response(422, str(exc), "invalid_request_error")
 
+    @app.exception_handler(FileNotFoundError)
+    async def _missing(_: Request, exc: FileNotFoundError) -> JSONResponse:
+        return error_response(404, str(exc), "not_found")
+
     @app.exception_handler(QueueFullError)
     async def _full(_: Request, exc: QueueFullError) -> JSONResponse:
         return error_response(429, str(exc), "queue_full", {"Retry-After": "1"})

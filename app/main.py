@@ -11,6 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from app.amp_routes import router as amp_router
+from app.weightdiff_api import interrupt_active
+from app.weightdiff_api import router as weightdiff_router
+from weightdiff.jobs import JobStore
 from app.amplify import Amplifier
 from app.engine import Engine
 from app.errors import install_error_handlers
@@ -59,12 +62,19 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.jobs = JobStore(settings.data_dir / "jobs")
+        lost = app.state.jobs.recover()
+        if lost:
+            log.warning("weight-diff jobs interrupted by the last shutdown: %s", ", ".join(lost))
         app.state.engine.start()
         task = asyncio.create_task(_load(app, loader))
         try:
             yield
         finally:
             task.cancel()
+            for job_task in list(app.state.job_tasks):
+                job_task.cancel()
+            interrupt_active(app.state.jobs)
             await asyncio.to_thread(app.state.engine.stop)
 
     app = FastAPI(
@@ -81,9 +91,12 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.amplifier = None
     app.state.demo = None
     app.state.load_error = None
+    app.state.job_tasks = set()
+    app.state.job_cancels = {}
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(amp_router)
+    app.include_router(weightdiff_router)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
     max_stop_strings: int = Field(16, ge=0)
+    max_weightdiff_tasks: int = Field(64, ge=1, description="tasks per weight-diff job")
     queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
 
     @field_validator("model_after_id", "model_before_id")

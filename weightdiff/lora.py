@@ -150,7 +150,7 @@ def task_generators(num_tasks: int, seed: int | Sequence[int] | None) -> list[to
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
@@ -178,7 +178,7 @@ def wrap(
     generators = task_generators(num_tasks, seed)
     scaling(r, lora_alpha)
     for name, linear in chosen.items():
-        _set_module(model, name, MultiTaskLoRALinear(linear, num_tasks, r, lora_alpha, generators))
+        set_module(model, name, MultiTaskLoRALinear(linear, num_tasks, r, lora_alpha, generators))
     return list(chosen)
 
 
@@ -190,7 +190,7 @@ def unwrap(model: nn.Module) -> list[str]:
     """Put the original Linear objects back (same objects, untouched weights); returns their names."""
     found = wrappers(model)
     for name, module in found.items():
-        _set_module(model, name, module.base)
+        set_module(model, name, module.base)
     return list(found)
 
 

@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightdiff.data import IGNORE, Encoded, Task, collate, encode_sample, micro_batches
-from weightdiff.lora import LoRAFactors, bypassed, factors_of, scaling, set_bypass, unwrap, wrap, wrappers
+from weightdiff.lora import (
+    LoRAFactors,
+    set_module,
+    bypassed,
+    factors_of,
+    scaling,
+    set_bypass,
+    unwrap,
+    wrap,
+    wrappers,
+)
 from weightdiff.optim import TaskAdam
 
 
@@ -151,6 +161,7 @@ class Trainer:
         self.losses: list[list[float]] = [[] for _ in tasks]
         self.steps_done = 0
         self.seconds = 0.0
+        self._detached: dict[str, nn.Module] | None = None
         self._was_training = model.training
         # Freeze first so only the LoRA factors created by wrap() require grad.
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
@@ -215,7 +226,26 @@ class Trainer:
         self.seconds += seconds
         return StepReport(self.steps_done, self.total_steps, losses, seconds)
 
+    def detach(self) -> None:
+        """Take the wrappers out (the model is its plain self again) but keep them for `attach()`.
+
+        A service that serves other requests between steps detaches after each step, so nothing
+        else ever sees a wrapped module tree.
+        """
+        if self._detached is None:
+            self._detached = wrappers(self.model)
+            unwrap(self.model)
+
+    def attach(self) -> None:
+        """Put this trainer's wrappers (factors and all) back in place."""
+        if self._detached is not None:
+            for name, module in self._detached.items():
+                set_module(self.model, name, module)
+            self._detached = None
+
     def factors(self) -> list[dict[str, LoRAFactors]]:
+        if self._detached is not None:
+            return [{n: m.task_factors(t) for n, m in self._detached.items()} for t in range(len(self.losses))]
         return factors_of(self.model)
 
     def result(self, stopped: bool = False) -> TrainResult:
@@ -232,6 +262,7 @@ class Trainer:
 
     def close(self) -> None:
         """Put the original Linears back and restore requires_grad and train/eval mode."""
+        self._detached = None
         unwrap(self.model)
         self._restore()
 
