@@ -83,27 +83,53 @@ def _check_shape(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor,
         )
 
 
-def _delta(terms: Sequence[DeltaTerm], device: torch.device) -> torch.Tensor:
-    """`sum_i coefficient_i * (B_i @ A_i)` in fp32 on `device`."""
-    delta: torch.Tensor | None = None
-    for a, b, coefficient in terms:
-        a = a.to(device=device, dtype=torch.float32)
-        b = b.to(device=device, dtype=torch.float32)
-        if delta is None:
-            delta = torch.mm(b, a).mul_(coefficient)
-        else:
-            delta.addmm_(b, a, alpha=coefficient)
-    if delta is None:
+def _delta(terms: Sequence[DeltaTerm], out: torch.Tensor) -> torch.Tensor:
+    """`sum_i coefficient_i * (B_i @ A_i)` in fp32, written into `out` (a reused scratch buffer)."""
+    if not terms:
         raise ValueError("a planned module has no delta terms")
-    return delta
+    for i, (a, b, coefficient) in enumerate(terms):
+        a = a.to(device=out.device, dtype=torch.float32)
+        b = b.to(device=out.device, dtype=torch.float32)
+        if i == 0:
+            torch.mm(b, a, out=out).mul_(coefficient)
+        else:
+            out.addmm_(b, a, alpha=coefficient)
+    return out
 
 
-def _host_copy(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of `weight` that later writes to it cannot reach; pinned host memory for CUDA weights."""
-    if weight.is_cuda:
-        saved = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
+class _Buffers:
+    """Memory one model's merges reuse: a host copy per touched weight and one fp32 scratch.
+
+    Allocating ~the touched weights' size on every request costs page faults on CPU and slow pinned
+    allocations on GPU, so the buffers stay with the model (`release_buffers` frees them).
+    """
+
+    def __init__(self) -> None:
+        self.copies: dict[str, torch.Tensor] = {}
+        self.scratch: dict[torch.device, torch.Tensor] = {}
+
+    def host_copy(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` copied where later writes to it cannot reach; pinned host memory for CUDA."""
+        saved = self.copies.get(name)
+        if saved is None or saved.shape != weight.shape or saved.dtype != weight.dtype:
+            saved = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=weight.is_cuda)
+            self.copies[name] = saved
         return saved.copy_(weight)
-    return weight.detach().clone()
+
+    def fp32(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        flat = self.scratch.get(device)
+        if flat is None or flat.numel() < shape.numel():
+            flat = torch.empty(shape.numel(), dtype=torch.float32, device=device)
+            self.scratch[device] = flat
+        return flat[: shape.numel()].view(shape)
+
+
+_BUFFERS: weakref.WeakKeyDictionary[nn.Module, _Buffers] = weakref.WeakKeyDictionary()
+
+
+def release_buffers(model: nn.Module) -> None:
+    """Free the host copies and scratch kept for `model`'s merges (they are re-made on demand)."""
+    _BUFFERS.pop(model, None)
 
 
 class MergedWeights:
@@ -119,8 +145,8 @@ class MergedWeights:
         self.touched_bytes = 0
         self.restored = False
 
-    def _save(self, name: str, weight: torch.Tensor) -> None:
-        self._saved.append((weight, _host_copy(weight)))
+    def _save(self, name: str, weight: torch.Tensor, buffers: _Buffers) -> None:
+        self._saved.append((weight, buffers.host_copy(name, weight)))
         self.modules.append(name)
         self.touched_bytes += weight.numel() * weight.element_size()
 
@@ -173,16 +199,16 @@ def apply(model: nn.Module, plan: Plan) -> MergedWeights:
             _check_shape(modules[name], name, a, b, "plan")
     state = MergedWeights(model)
     _ACTIVE[model] = state
+    buffers = _BUFFERS.setdefault(model, _Buffers())
     try:
         for name, terms in plan.items():
             weight = modules[name].weight
-            state._save(name, weight)
-            delta = _delta(terms, weight.device)
+            state._save(name, weight, buffers)
+            delta = _delta(terms, buffers.fp32(weight.shape, weight.device))
             # In place, `delta + weight` equals `weight.float() + delta` without a second fp32 buffer;
             # copy_ rounds to the weight's dtype exactly as `.to(weight.dtype)` would, in one write.
             delta.add_(weight)
             weight.copy_(delta)
-            del delta
     except BaseException:
         state.restore()
         raise
