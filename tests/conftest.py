@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from lda import LDAModelPair, Side  # noqa: E402
 from tests.tiny import save, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -47,3 +48,12 @@ def demo_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo-data")
     ensure_demo_pair(data_dir)
     return data_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On 2 shared cores, a second intra-op thread makes tiny training steps 10-50x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

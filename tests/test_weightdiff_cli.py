@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "The quick brown fox."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On 2 shared cores, a second intra-op thread makes these tiny steps 10-50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def job_spec(output_dir: str, **overrides) -> dict:
