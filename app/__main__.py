@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -21,6 +22,10 @@ def main() -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from app.main import create_app
+
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was there before it;
+    # this one makes that a clean exit 0 (what container runtimes and supervisors expect).
+    signal.signal(signal.SIGTERM, lambda signum, frame: logging.getLogger("app").info("SIGTERM: drained, exiting"))
 
     uvicorn.run(
         create_app(settings),

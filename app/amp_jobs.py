@@ -8,7 +8,7 @@ from typing import Any
 from amplification import ConfigError, merged
 from amplification.adapter_mode import AdapterSource
 from lda import LDAModelPair, Row, RowOutput, TokenEvent, decode
-from lda.pair import Side, full_text
+from lda.pair import Side, check_context, full_text
 from lda.source import ModelSource
 
 from app.amplify import Amplifier, Compiled
@@ -42,6 +42,7 @@ def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
             lambda rows, config: decode(source, side.tokenizer, rows, config),
             f"{base}+{compiled.lora_name}",
             base,
+            (amp.model,),
         )
 
     return make
@@ -82,6 +83,8 @@ def amplification_job(
                 for p in req.prompt_list
             )
         )
+        for prompt_ids in ids:
+            check_context(len(prompt_ids), req.max_new_tokens, amp.model)
         seed0 = base_seed(req)
         rows = [Row(ids[p], 0.0, seed0 + p * req.n + k) for p in range(len(ids)) for k in range(req.n)]
         config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)

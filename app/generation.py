@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lda import LDAModelPair, Row, RowOutput, SamplingParams, Side, TokenEvent
-from lda.pair import full_text
+from lda.pair import check_context, full_text
 
 from app.engine import Job
 from app.schemas import GenerateRequest, LDARequest, SamplingFields
@@ -75,10 +75,12 @@ class Decoder:
     events: Callable[[list[Row], Any], Iterator[TokenEvent | RowOutput]]
     model_after: str
     model_before: str
+    models: tuple[Any, ...]  # whose context windows bound prompt + completion
 
 
 def pair_decoder(pair: LDAModelPair) -> Decoder:
-    return Decoder(pair.after, pair.lda_events, pair.after.model_id, pair.before.model_id)
+    models = (pair.after.model, pair.before.model)
+    return Decoder(pair.after, pair.lda_events, pair.after.model_id, pair.before.model_id, models)
 
 
 def lda_job(
@@ -92,6 +94,7 @@ def lda_job(
         seed0 = base_seed(req)
         for p_i, prompt in enumerate(req.prompt_list):
             text, ids = pair.prompt_ids(prompt, req.system_prompt, req.apply_chat_template, side=decoder.side)
+            check_context(len(ids), req.max_new_tokens, *decoder.models)
             formatted.append(text)
             for alpha in req.alpha_list:
                 for k in range(req.n):
@@ -187,6 +190,7 @@ def _single(
     job: Job, pair: LDAModelPair, side: Side, req: GenerateRequest, seed: int, usage: Usage
 ) -> dict[str, Any] | None:
     formatted, ids = pair.prompt_ids(req.prompt, req.system_prompt, req.apply_chat_template, side=side)
+    check_context(len(ids), req.max_new_tokens, side.model)
     config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
     events = pair.single_events(side, [Row(ids, 0.0, seed)], config)
     outputs = run_events(job, events, 1, usage, lambda event: None)

@@ -15,6 +15,7 @@ from app.weightdiff_api import interrupt_active
 from app.weightdiff_api import router as weightdiff_router
 from weightdiff.jobs import JobStore
 from app.amplify import Amplifier
+from app.auth import install_auth
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.loader import load_pair
@@ -97,6 +98,13 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(router)
     app.include_router(amp_router)
     app.include_router(weightdiff_router)
+
+    install_auth(app, settings)  # inside the counting middleware, so 401s are counted too
+    if settings.cors_origin_list:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:

@@ -172,6 +172,14 @@ async def health(request: Request) -> Any:
     return {"status": "ok"}
 
 
+@router.get("/ping")
+async def ping(request: Request) -> Any:
+    """RunPod's load-balancer health check: 200 when ready, 204 while models load."""
+    if request.app.state.pair is None:
+        return Response(status_code=204 if not request.app.state.load_error else 503)
+    return {"status": "healthy"}
+
+
 @router.get("/ready", responses=ERRORS)
 async def ready(request: Request, pair: PairDep) -> Any:
     """Readiness: 200 once both models are loaded, 503 before."""

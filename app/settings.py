@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     organisms_dir: Path | None = Field(None, description="toolkit configs folder with organism/ and model/")
     config_roots: str = Field("", description="comma-separated dirs config_path may read (DATA_DIR always)")
 
+    api_key: str = Field("", description="comma-separated keys; when set, routes need a Bearer key")
+    metrics_public: bool = Field(False, description="serve /metrics without a key")
+    cors_origins: str = Field("", description="comma-separated allowed CORS origins (none = CORS off)")
+
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
     max_stop_strings: int = Field(16, ge=0)
@@ -75,6 +79,14 @@ class Settings(BaseSettings):
     def startup_adapters(self) -> list[tuple[str, str]]:
         items = filter(None, (i.strip() for i in self.adapters.split(",")))
         return [(n.strip(), s.strip()) for n, _, s in (i.partition("=") for i in items)]
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in self.api_key.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def adapter_root_paths(self) -> list[Path]:

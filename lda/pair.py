@@ -36,6 +36,16 @@ def encode(tokenizer: Any, formatted: str, templated: bool) -> tuple[int, ...]:
     return tuple(tokenizer(formatted, add_special_tokens=not templated)["input_ids"])
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, *models: Any) -> None:
+    """Refuse a prompt that cannot fit with its completion in every model's context window."""
+    windows = [w for m in models if (w := getattr(m.config, "max_position_embeddings", None))]
+    if windows and prompt_tokens + max_new_tokens > min(windows):
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{prompt_tokens + max_new_tokens} exceeds the context window of {min(windows)} tokens"
+        )
+
+
 @dataclass(frozen=True)
 class Side:
     """One model with its tokenizer and id."""

@@ -324,3 +324,13 @@ def test_openapi_docs(client):
         "/info",
         "/metrics",
     } <= set(paths)
+
+
+def test_prompt_plus_completion_must_fit_the_context_window(client):
+    long_prompt = "hello world " * 300  # > 512 tokens, the tiny models' window
+    for route in ("/generate_lda", "/generate"):
+        r = client.post(route, json={"prompt": long_prompt, "max_new_tokens": 10})
+        assert r.status_code == 422, r.text
+        msg = r.json()["error"]["message"]
+        assert "context window of 512 tokens" in msg and "max_new_tokens (10)" in msg
+    assert lda(client, max_new_tokens=2).status_code == 200  # and the engine keeps serving

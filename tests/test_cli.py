@@ -56,8 +56,7 @@ def server(tiny_dirs, tmp_path_factory):
         time.sleep(0.2)
     yield url
     proc.terminate()
-    # uvicorn drains, then re-raises SIGTERM so the exit status says how it ended.
-    assert proc.wait(30) in (0, -15), log.read_text()
+    assert proc.wait(30) == 0, log.read_text()  # SIGTERM drains and exits cleanly
 
 
 ARGS = ["--max-tokens", "8", "--temperature", "1.0"]
