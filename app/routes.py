@@ -127,8 +127,9 @@ async def _sse(
             yield _sse_event("token", {k: v for k, v in item.items() if k != "event"})
         try:
             result = await job.future
-        except Exception as exc:  # the stream is already 200; report in-band
-            yield _sse_event("error", {"error": {"message": str(exc), "type": type(exc).__name__}})
+        except Exception as exc:  # the stream is already 200; report in-band, typed as the JSON errors are
+            kind = "invalid_request_error" if isinstance(exc, ValueError) else "internal_error"
+            yield _sse_event("error", {"error": {"message": str(exc), "type": kind}})
             return
         if result is not None:
             _observe(request, route, t0, usage)

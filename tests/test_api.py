@@ -334,3 +334,11 @@ def test_prompt_plus_completion_must_fit_the_context_window(client):
         msg = r.json()["error"]["message"]
         assert "context window of 512 tokens" in msg and "max_new_tokens (10)" in msg
     assert lda(client, max_new_tokens=2).status_code == 200  # and the engine keeps serving
+
+
+def test_stream_reports_errors_in_band(client):
+    body = {"prompt": "hello world " * 300, "max_new_tokens": 10, "stream": True}
+    with client.stream("POST", "/generate_lda", json=body) as r:
+        events = parse_sse(r.read().decode())
+    assert events == [("error", {"error": {"message": events[0][1]["error"]["message"], "type": "invalid_request_error"}})]
+    assert "context window" in events[0][1]["error"]["message"]
