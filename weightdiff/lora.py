@@ -100,8 +100,12 @@ class MultiTaskLoRALinear(nn.Module):
         h = x.reshape(self.num_tasks, -1, x.size(-1)).to(self.down.dtype)  # [T, b*S, in]
         # DIT's einsums "bsi,bir->bsr", "bsr,bro->bso" as batched matmuls: on CPU einsum was
         # ~10x slower than bmm for these small per-task shapes.
-        delta = torch.bmm(torch.bmm(h, self.down), self.up) * self.scaling  # [T, b*S, out]
-        return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
+        # Scale the small [T, b*S, r] intermediate, not the full-width delta.
+        low = torch.bmm(h, self.down).mul_(self.scaling)  # [T, b*S, r]
+        if out.dtype == low.dtype:
+            base = out.reshape(self.num_tasks, -1, out.size(-1))
+            return torch.baddbmm(base, low, self.up).reshape(out.shape)  # out + low @ up, fused
+        return out + torch.bmm(low, self.up).reshape(out.shape).to(out.dtype)
 
     def task_factors(self, task: int) -> LoRAFactors:
         """Detached CPU copies of one task's factors."""

@@ -44,17 +44,26 @@ class TaskAdam:
         t = self.steps[tasks]
         step_size = self.lr / (1 - beta1**t)  # [k], float64 like torch's python-float math
         bias_correction2_sqrt = (1 - beta2**t).sqrt()
+        every = tasks.numel() == self.steps.numel()
         for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             shape = (-1,) + (1,) * (p.dim() - 1)
+            scale = step_size.to(p).view(shape)
+            correction = bias_correction2_sqrt.to(p).view(shape)
+            if every:  # the common step: the same arithmetic in place, without gathers and scatters
+                grad = torch.zeros_like(p) if p.grad is None else p.grad
+                m = exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v = exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                p.sub_((m / (v.sqrt() / correction).add_(self.eps)) * scale)
+                continue
             index = tasks.to(p.device)
             grad = torch.zeros_like(p[index]) if p.grad is None else p.grad[index]
             m = exp_avg[index].mul_(beta1).add_(grad, alpha=1 - beta1)
             v = exp_avg_sq[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             exp_avg.index_copy_(0, index, m)
             exp_avg_sq.index_copy_(0, index, v)
-            denom = (v.sqrt() / bias_correction2_sqrt.to(p).view(shape)).add_(self.eps)
+            denom = (v.sqrt() / correction).add_(self.eps)
             # index_copy_ rather than index_add_: the latter is orders of magnitude slower on CPU.
-            p.index_copy_(0, index, p[index] - (m / denom) * step_size.to(p).view(shape))
+            p.index_copy_(0, index, p[index] - (m / denom) * scale)
 
     def zero_grad(self) -> None:
         for p in self.params:
