@@ -6,14 +6,13 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from amplification import AmplificationConfig
 
 from app.amp_jobs import amplification_job
 from app.amplify import Amplifier
 from app.generation import Usage
-from app.routes import ERRORS, _engine, _observe, _settings, _sse, check_limits, get_amplifier
+from app.routes import ERRORS, _engine, _observe, _settings, check_limits, get_amplifier, stream_response
 from app.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
 
 router = APIRouter()
@@ -87,10 +86,7 @@ async def amplification_generate(req: AmplificationGenerateRequest, request: Req
     check_limits(_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
     usage = Usage()
     if req.stream:
-        job = _engine(request).submit(amplification_job(amp, req, usage), stream=True)
-        return StreamingResponse(
-            _sse(request, job, t0, usage, "/amplification/generate"), media_type="text/event-stream"
-        )
+        return stream_response(request, amplification_job(amp, req, usage), t0, usage, "/amplification/generate")
     body = await _engine(request).run(amplification_job(amp, req, usage))
     _observe(request, "/amplification/generate", t0, usage)
     return body

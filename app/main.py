@@ -17,6 +17,7 @@ from weightdiff.jobs import JobStore
 from app.amplify import Amplifier
 from app.auth import install_auth
 from app.engine import Engine
+from app.errors import error_response
 from app.errors import install_error_handlers
 from app.loader import load_pair
 from app.metrics import Metrics
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.demo = None
     app.state.load_error = None
     app.state.job_tasks = set()
+    app.state.open_streams = 0
     app.state.job_cancels = {}
     install_error_handlers(app)
     app.include_router(router)
@@ -100,6 +102,17 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(weightdiff_router)
 
     install_auth(app, settings)  # inside the counting middleware, so 401s are counted too
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return error_response(
+                413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
+                "request_too_large",
+            )
+        return await call_next(request)
+
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -15,7 +15,7 @@ from lda import IncompatibleTokenizersError, LDAModelPair
 
 from app.amp_jobs import adapter_decoder
 from app.amplify import Amplifier
-from app.engine import Engine
+from app.engine import Engine, QueueFullError
 from app.errors import NotReadyError, error_response
 from app.generation import Usage, generate_job, lda_job
 from app.info import info_body
@@ -106,11 +106,20 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
     usage = Usage()
     job_fn = lda_job(pair, req, usage, make_decoder)
     if req.stream:
-        job = _engine(request).submit(job_fn, stream=True)
-        return StreamingResponse(_sse(request, job, t0, usage), media_type="text/event-stream")
+        return stream_response(request, job_fn, t0, usage, "/generate_lda")
     body = await _engine(request).run(job_fn)
     _observe(request, "/generate_lda", t0, usage)
     return body
+
+
+def stream_response(request: Request, job_fn: Any, t0: float, usage: Usage, route: str) -> StreamingResponse:
+    """Submit a streaming job and answer with its SSE stream, within the open-stream limit."""
+    limit = _settings(request).max_concurrent_streams
+    if request.app.state.open_streams >= limit:
+        raise QueueFullError(f"too many open streams ({limit}); retry later or use stream=false")
+    job = _engine(request).submit(job_fn, stream=True)
+    request.app.state.open_streams += 1
+    return StreamingResponse(_sse(request, job, t0, usage, route), media_type="text/event-stream")
 
 
 def _sse_event(name: str, data: Any) -> str:
@@ -136,6 +145,7 @@ async def _sse(
             yield _sse_event("result", result)
     finally:
         job.cancel()  # client gone or stream done: the engine stops at the next token
+        request.app.state.open_streams -= 1
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)

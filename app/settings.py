@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
     max_stop_strings: int = Field(16, ge=0)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    max_concurrent_streams: int = Field(16, ge=1, description="open SSE streams at once (429 above)")
     max_weightdiff_tasks: int = Field(64, ge=1, description="tasks per weight-diff job")
     queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
 

@@ -342,3 +342,18 @@ def test_stream_reports_errors_in_band(client):
         events = parse_sse(r.read().decode())
     assert events == [("error", {"error": {"message": events[0][1]["error"]["message"], "type": "invalid_request_error"}})]
     assert "context window" in events[0][1]["error"]["message"]
+
+
+def test_body_size_and_open_stream_limits(tiny_dirs, tmp_path):
+    settings = make_settings(tiny_dirs, tmp_path, max_body_bytes=2048, max_concurrent_streams=1)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        r = c.post("/generate_lda", json={"prompt": "x" * 5000})
+        assert r.status_code == 413 and "2048" in r.json()["error"]["message"]
+        c.app.state.open_streams = 1  # as if another client held the only stream
+        r = c.post("/generate_lda", json={"prompt": "Hello", "stream": True})
+        assert r.status_code == 429 and "open streams" in r.json()["error"]["message"]
+        c.app.state.open_streams = 0
+        with c.stream("POST", "/generate_lda", json={"prompt": "Hello", "stream": True, "max_new_tokens": 3}) as s:
+            assert s.status_code == 200 and "event: result" in s.read().decode()
+        assert c.app.state.open_streams == 0  # released when the stream ended
