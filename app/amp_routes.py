@@ -12,7 +12,16 @@ from amplification import AmplificationConfig
 from app.amp_jobs import amplification_job
 from app.amplify import Amplifier
 from app.generation import Usage
-from app.routes import ERRORS, _engine, _observe, _settings, check_limits, get_amplifier, stream_response
+from app.routes import (
+    ERRORS,
+    _engine,
+    _observe,
+    _settings,
+    check_limits,
+    get_amplifier,
+    run_job,
+    stream_response,
+)
 from app.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
 
 router = APIRouter()
@@ -86,7 +95,9 @@ async def amplification_generate(req: AmplificationGenerateRequest, request: Req
     check_limits(_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
     usage = Usage()
     if req.stream:
-        return stream_response(request, amplification_job(amp, req, usage), t0, usage, "/amplification/generate")
-    body = await _engine(request).run(amplification_job(amp, req, usage))
+        return stream_response(
+            request, amplification_job(amp, req, usage), t0, usage, "/amplification/generate"
+        )
+    body = await run_job(request, amplification_job(amp, req, usage))
     _observe(request, "/amplification/generate", t0, usage)
     return body

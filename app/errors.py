@@ -18,6 +18,10 @@ from app.engine import QueueFullError
 log = logging.getLogger(__name__)
 
 
+class ClientDisconnectedError(RuntimeError):
+    """The client went away before its result was ready; the job was cancelled."""
+
+
 class NotReadyError(RuntimeError):
     """Models are still loading (or failed to load)."""
 
@@ -61,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotReadyError)
     async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
         return error_response(503, str(exc), "not_ready", {"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(_: Request, exc: ClientDisconnectedError) -> JSONResponse:
+        return error_response(499, str(exc), "client_disconnected")  # nginx's code; nobody reads it
 
     @app.exception_handler(torch.OutOfMemoryError)
     async def _oom(_: Request, exc: torch.OutOfMemoryError) -> JSONResponse:

@@ -8,16 +8,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from app.amp_routes import router as amp_router
 from app.weightdiff_api import interrupt_active
 from app.weightdiff_api import router as weightdiff_router
 from weightdiff.jobs import JobStore
 from app.amplify import Amplifier
-from app.auth import install_auth
 from app.engine import Engine
-from app.errors import error_response
+from app.middleware import CountRequests, Guard
 from app.errors import install_error_handlers
 from app.loader import load_pair
 from app.metrics import Metrics
@@ -101,30 +100,18 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(amp_router)
     app.include_router(weightdiff_router)
 
-    install_auth(app, settings)  # inside the counting middleware, so 401s are counted too
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error_response(
-                413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
-                "request_too_large",
-            )
-        return await call_next(request)
-
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
-                           allow_headers=["*"])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"], allow_headers=["*"]
+        )
+    # Added last = outermost: every request is counted, refusals (401, 413) included.
+    app.add_middleware(
+        Guard,
+        max_body_bytes=settings.max_body_bytes,
+        keys=settings.api_keys,
+        metrics_public=settings.metrics_public,
+    )
+    app.add_middleware(CountRequests, metrics=metrics)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from lda import IncompatibleTokenizersError, LDAModelPair
 from app.amp_jobs import adapter_decoder
 from app.amplify import Amplifier
 from app.engine import Engine, QueueFullError
-from app.errors import NotReadyError, error_response
+from app.errors import ClientDisconnectedError, NotReadyError, error_response
 from app.generation import Usage, generate_job, lda_job
 from app.info import info_body
 from app.metrics import Metrics
@@ -107,9 +108,22 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
     job_fn = lda_job(pair, req, usage, make_decoder)
     if req.stream:
         return stream_response(request, job_fn, t0, usage, "/generate_lda")
-    body = await _engine(request).run(job_fn)
+    body = await run_job(request, job_fn)
     _observe(request, "/generate_lda", t0, usage)
     return body
+
+
+async def run_job(request: Request, fn: Any) -> Any:
+    """Run a job on the engine; if the client disconnects meanwhile, cancel it (it stops within one
+    decode step, restoring anything it merged) instead of computing for nobody."""
+    job = _engine(request).submit(fn)
+    while True:
+        done, _ = await asyncio.wait({job.future}, timeout=0.2)
+        if done:
+            return job.future.result()
+        if await request.is_disconnected():
+            job.cancel()
+            raise ClientDisconnectedError("client disconnected; job cancelled")
 
 
 def stream_response(request: Request, job_fn: Any, t0: float, usage: Usage, route: str) -> StreamingResponse:
@@ -154,7 +168,7 @@ async def generate(req: GenerateRequest, request: Request, pair: PairDep) -> Any
     t0 = time.perf_counter()
     check_limits(_settings(request), req, 1)
     usage = Usage()
-    body = await _engine(request).run(generate_job(pair, req, usage))
+    body = await run_job(request, generate_job(pair, req, usage))
     _observe(request, "/generate", t0, usage)
     return body
 

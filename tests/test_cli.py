@@ -132,3 +132,23 @@ def test_invalid_settings_stop_with_one_line(env, name):
     assert len(lines) == 1 and lines[0].startswith("error: invalid settings") and name in lines[0], (
         proc.stderr
     )
+
+
+def test_client_disconnect_frees_the_engine(server):
+    big = {"prompt": "Hello world", "max_new_tokens": 480, "n": 16, "temperature": 0, "stop": []}
+    quick = {"prompt": "Hello world", "max_new_tokens": 1}
+    t0 = time.monotonic()
+    httpx.post(f"{server}/generate_lda", json=quick, timeout=30)
+    alone = time.monotonic() - t0
+    t0 = time.monotonic()
+    full = httpx.post(f"{server}/generate_lda", json=big | {"max_new_tokens": 120}, timeout=60)
+    per_120 = time.monotonic() - t0
+    assert full.status_code == 200
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/generate_lda", json=big, timeout=0.5)  # the client gives up
+    t0 = time.monotonic()
+    r = httpx.post(f"{server}/generate_lda", json=quick, timeout=60)
+    waited = time.monotonic() - t0
+    assert r.status_code == 200
+    # Without cancellation the quick request would queue behind ~4x `per_120` of decoding.
+    assert waited < alone + per_120, (waited, alone, per_120)

@@ -1,0 +1,77 @@
+"""Plain ASGI middleware: request counting, body-size limit, API keys.
+
+Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware re-wraps `receive`, which hides a
+client's disconnect from the route, and the route needs to see it to cancel the engine job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import OPEN_PATHS, key_matches
+from app.errors import error_response
+from app.metrics import Metrics
+
+
+class CountRequests:
+    """`lda_requests_total{route, status}`, with the route template the router matched."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+class Guard:
+    """Refuse oversized bodies (413) and, when keys are configured, requests without one (401)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, keys: list[str], metrics_public: bool) -> None:
+        self.app, self.max_body_bytes, self.keys = app, max_body_bytes, keys
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope, headers: Headers) -> Any:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            message = f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}"
+            return error_response(413, message, "request_too_large")
+        if not self.keys or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            return None
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        presented = (
+            token.strip() if scheme.lower() == "bearer" and token.strip() else headers.get("x-api-key")
+        )
+        if presented is None or not key_matches(presented, self.keys):
+            return error_response(
+                401,
+                "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
+                "unauthorized",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return None
