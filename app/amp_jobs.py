@@ -8,7 +8,7 @@ from typing import Any
 from amplification import ConfigError, merged
 from amplification.adapter_mode import AdapterSource
 from lda import LDAModelPair, Row, RowOutput, TokenEvent, decode
-from lda.pair import Side, check_context, full_text
+from lda.pair import Side, check_context, readable_prompt
 from lda.source import ModelSource
 
 from app.amplify import Amplifier, Compiled
@@ -61,10 +61,8 @@ def columns_for(amp: Amplifier, req: AmplificationGenerateRequest) -> list[tuple
     if req.include_base:
         columns.append(("base", "base", None))
     if req.include_adapters:
-        seen = []
-        for c in configs:
-            seen += [a for a in c.adapters if a.name not in [s.name for s in seen]]
-        columns += [(a.name, "adapter", amp.plain(a)) for a in seen]
+        adapters = {a.name: a for c in configs for a in c.adapters}  # first-seen order, no repeats
+        columns += [(a.name, "adapter", amp.plain(a)) for a in adapters.values()]
     columns += [(c.config.name, "config", c) for c in configs]
     return columns
 
@@ -85,6 +83,7 @@ def amplification_job(
         )
         for prompt_ids in ids:
             check_context(len(prompt_ids), req.max_new_tokens, amp.model)
+        shown = [readable_prompt(side.tokenizer, f) for f in formatted]  # once per prompt
         seed0 = base_seed(req)
         rows = [Row(ids[p], 0.0, seed0 + p * req.n + k) for p in range(len(ids)) for k in range(req.n)]
         config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
@@ -114,7 +113,7 @@ def amplification_job(
                             "sample_index": i % req.n,
                             "seed": rows[i].seed,
                             "completion": o.text,
-                            "text": full_text(side.tokenizer, formatted[i // req.n], o),
+                            "text": shown[i // req.n] + o.text,
                             "tokens_generated": o.tokens_generated,
                             "stopped_early": o.stopped_early,
                             "finish_reason": o.finish_reason,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lda import LDAModelPair, Row, RowOutput, SamplingParams, Side, TokenEvent
-from lda.pair import check_context, full_text
+from lda.pair import check_context, full_text, readable_prompt
 
 from app.engine import Job
 from app.schemas import GenerateRequest, LDARequest, SamplingFields
@@ -123,6 +123,7 @@ def lda_response(
     decoder: Decoder, req: LDARequest, formatted: list[str], metas: list[RowMeta], outputs: list[RowOutput]
 ) -> dict[str, Any]:
     tok = decoder.side.tokenizer
+    shown = [readable_prompt(tok, f) for f in formatted]  # once per prompt, not once per row
     results = []
     for meta, out in zip(metas, outputs):
         details = None
@@ -146,7 +147,7 @@ def lda_response(
                 "sample_index": meta.sample_index,
                 "seed": meta.seed,
                 "completion": out.text,
-                "text": full_text(tok, formatted[meta.prompt_index], out),
+                "text": shown[meta.prompt_index] + out.text,
                 "tokens_generated": out.tokens_generated,
                 "stopped_early": out.stopped_early,
                 "finish_reason": out.finish_reason,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lda import IncompatibleTokenizersError, LDAModelPair
@@ -220,5 +220,3 @@ async def info(request: Request, pair: PairDep) -> Any:
 async def metrics(request: Request) -> Response:
     return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 
-
-__all__ = ["router", "JSONResponse"]

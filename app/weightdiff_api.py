@@ -125,7 +125,7 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
     def finish(job: Any) -> None:
         assert trainer is not None
         out = store.dir(record.id)
-        for t, (name, factors) in enumerate(zip(req.task_names, trainer.factors())):
+        for name, factors in zip(req.task_names, trainer.factors()):
             path = export_peft(factors, model, out / name, lora_alpha=req.lora_alpha)
             if req.export_dit:
                 export_dit(factors, path / "dit.safetensors", lora_alpha=req.lora_alpha)

@@ -169,9 +169,11 @@ class LDAModelPair:
         )
 
 
+def readable_prompt(tokenizer: Any, formatted: str) -> str:
+    """The formatted prompt with special tokens dropped, as the seed's `text` field shows it."""
+    return tokenizer.decode(tokenizer(formatted, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+
+
 def full_text(tokenizer: Any, formatted: str, out: RowOutput) -> str:
     """Prompt and completion as one readable string (special tokens dropped, as the seed did)."""
-    prompt_text = tokenizer.decode(
-        tokenizer(formatted, add_special_tokens=False)["input_ids"], skip_special_tokens=True
-    )
-    return prompt_text + out.text
+    return readable_prompt(tokenizer, formatted) + out.text
