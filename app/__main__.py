@@ -27,8 +27,13 @@ def main() -> None:
     # this one makes that a clean exit 0 (what container runtimes and supervisors expect).
     signal.signal(signal.SIGTERM, lambda signum, frame: logging.getLogger("app").info("SIGTERM: drained, exiting"))
 
+    app = create_app(settings)
+    if settings.port_health and settings.port_health != settings.port:
+        from app.health_port import serve_in_thread
+
+        serve_in_thread(app, settings.host, settings.port_health, settings.log_level)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    port_health: int | None = Field(
+        None, ge=1, le=65535, description="extra port answering /ping and /health (RunPod serverless)"
+    )
     data_dir: Path = Field(Path("data"), description="demo pair cache, jobs, compiled adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -48,6 +51,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_concurrent_streams: int = Field(16, ge=1, description="open SSE streams at once (429 above)")
     max_weightdiff_tasks: int = Field(64, ge=1, description="tasks per weight-diff job")
+    max_weightdiff_samples: int = Field(4096, ge=1, description="text samples per weight-diff job, all tasks")
+    max_config_bytes: int = Field(
+        256 * 1024, ge=1024, description="largest amplification config (inline or file), in bytes"
+    )
     queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
 
     @field_validator("model_after_id", "model_before_id")

@@ -72,6 +72,71 @@ def test_no_sshd_without_public_key_and_start_server_false(tmp_path, tiny_dirs):
         out = log.read_text()
         assert "PUBLIC_KEY not set: no sshd" in out and "START_SERVER=false" in out
         assert not (tmp_path / "sshd.args").exists() and not (tmp_path / "ssh").exists()
+        # The platform's own sshd (Vast) still gets the container's environment for its sessions.
+        assert "MODEL_AFTER_ID" in (tmp_path / "profile" / "env.sh").read_text()
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_port_health_answers_ping_on_its_own_port(tmp_path, tiny_dirs):
+    """RunPod serverless probes /ping on PORT_HEALTH: 204 while loading, then 200; nothing else there."""
+    port, health_port = free_port(), free_port()
+    proc, log = start(tmp_path, tiny_dirs, PORT=str(port), PORT_HEALTH=str(health_port))
+    try:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 90
+        while 200 not in seen and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                seen.add(httpx.get(f"http://127.0.0.1:{health_port}/ping", timeout=1).status_code)
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert 200 in seen and seen <= {200, 204}, (seen, log.read_text())
+        assert httpx.get(f"http://127.0.0.1:{health_port}/health", timeout=5).json() == {"status": "ok"}
+        # Only health checks on that port: the API stays on PORT.
+        assert httpx.post(f"http://127.0.0.1:{health_port}/generate_lda", json={"prompt": "x"}).status_code == 404
+        wait_ready(f"http://127.0.0.1:{port}", proc, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
+def test_vast_onstart_starts_the_server_in_the_background(tmp_path, tiny_dirs):
+    """Vast's ssh launch mode runs the on-start script instead of the entry point: it must leave a
+    serving server behind, without our sshd (Vast runs its own), and say the mapped public URL."""
+    port = free_port()
+    fake_sshd = tmp_path / "sshd"
+    fake_sshd.write_text(f"#!/bin/sh\ntouch {tmp_path}/sshd.ran\n")
+    fake_sshd.chmod(0o755)
+    after, before = tiny_dirs
+    env = server_env(
+        START_SH=str(ROOT / "start.sh"), LOG_FILE=str(tmp_path / "ws" / "server.log"), PORT=str(port),
+        PYTHON=sys.executable, PUBLIC_KEY="ssh-ed25519 AAAAtest", SSHD_BIN=str(fake_sshd),
+        SSH_HOME=str(tmp_path / "ssh"), SSHD_CONFIG_DIR=str(tmp_path / "etc_ssh"),
+        ENV_FILE=str(tmp_path / "profile" / "env.sh"), MODEL_AFTER_ID=str(after), MODEL_BEFORE_ID=str(before),
+        DATA_DIR=str(tmp_path / "data"), HOST="127.0.0.1", PUBLIC_IPADDR="203.0.113.7",
+        **{f"VAST_TCP_PORT_{port}": "41234"},
+    )
+    out = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "vast" / "onstart.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    server_pid = None
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "ws" / "server.log").read_text()
+        server_pid = int(out.stdout.split("(pid ")[1].split(")")[0])
+        assert "public URL: http://203.0.113.7:41234" in out.stdout and "ready after" in out.stdout
+        r = httpx.post(f"http://127.0.0.1:{port}/generate_lda", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+        assert not (tmp_path / "sshd.ran").exists()
+        assert "PUBLIC_KEY not set: no sshd" in (tmp_path / "ws" / "server.log").read_text()
+    finally:
+        if server_pid:
+            os.kill(server_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(server_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
