@@ -56,7 +56,7 @@ async def delete_adapter(name: str, request: Request) -> Any:
 
 def _config(amp: Amplifier, req: CompileRequest) -> AmplificationConfig:
     config = (
-        AmplificationConfig.from_dict(req.config)
+        amp.config_from_dict(req.config)
         if req.config is not None
         else amp.read_config_file(req.config_path or "")
     )

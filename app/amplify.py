@@ -7,6 +7,7 @@ after each column; adapter-mode LDA never touches weights (forward hooks on one 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -79,6 +80,7 @@ class Amplifier:
         self.config_roots = [*settings.config_root_paths, PRESETS_DIR]
         self.compiled_dir = settings.data_dir / "compiled"
         self.compiled: dict[str, Compiled] = {}
+        self.max_config_bytes = settings.max_config_bytes
 
     @property
     def base_model_id(self) -> str:
@@ -87,8 +89,20 @@ class Amplifier:
     def load_adapter(self, name: str, source: str, replace: bool = False) -> LoadedAdapter:
         return self.registry.load(name, source, self.model, replace=replace)
 
+    def _check_size(self, size: int, what: str) -> None:
+        # A config resolves to a table over every layer and module: cap what a request can make us parse.
+        if size > self.max_config_bytes:
+            raise ConfigError(what, f"the config is {size} bytes, the limit is {self.max_config_bytes} (MAX_CONFIG_BYTES)")
+
+    def config_from_dict(self, data: dict[str, Any]) -> AmplificationConfig:
+        self._check_size(len(json.dumps(data, separators=(",", ":"), default=str)), "config")
+        return AmplificationConfig.from_dict(data)
+
     def read_config_file(self, path: str) -> AmplificationConfig:
-        return AmplificationConfig.from_yaml_file(_confined(Path(path), self.config_roots, "config_path"))
+        real = _confined(Path(path), self.config_roots, "config_path")
+        if real.is_file():
+            self._check_size(real.stat().st_size, "config_path")
+        return AmplificationConfig.from_yaml_file(real)
 
     def _adapter(self, reference: str) -> LoadedAdapter:
         """A registered name, else a path or hub id registered under a name derived from it."""
@@ -123,7 +137,7 @@ class Amplifier:
     def lookup(self, reference: str | dict[str, Any]) -> Compiled:
         """A config body, a compiled `lora_name`, or a registered adapter name (weight 1 everywhere)."""
         if isinstance(reference, dict):
-            return self.compile(AmplificationConfig.from_dict(reference))
+            return self.compile(self.config_from_dict(reference))
         if reference in self.compiled:
             return self.compiled[reference]
         if reference in self.registry:

@@ -44,6 +44,11 @@ def info_body(pair: LDAModelPair, settings: Settings, demo: Any) -> dict[str, An
             "max_rows_per_request": settings.max_rows_per_request,
             "max_stop_strings": settings.max_stop_strings,
             "queue_size": settings.queue_size,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "max_config_bytes": settings.max_config_bytes,
+            "max_weightdiff_tasks": settings.max_weightdiff_tasks,
+            "max_weightdiff_samples": settings.max_weightdiff_samples,
         },
         "versions": {
             "service": _version("model-diff-service"),

@@ -173,6 +173,9 @@ async def submit(req: JobRequest, request: Request) -> Any:
     limit = _settings(request).max_weightdiff_tasks
     if len(req.tasks) > limit:
         raise ValueError(f"tasks: too many tasks ({len(req.tasks)}), the limit is {limit}")
+    samples, sample_limit = sum(len(t.samples) for t in req.tasks), _settings(request).max_weightdiff_samples
+    if samples > sample_limit:
+        raise ValueError(f"tasks: too many samples ({samples} in all tasks), the limit is {sample_limit}")
     if req.targets is not None:
         await _engine(request).run(lambda job: select_targets(amp.model, req.targets))
     record = _store(request).create(req.model_dump(), req.task_names)

@@ -112,6 +112,22 @@ def test_bad_configs_are_422_naming_the_field(client, body, field):
     assert field in r.json()["error"]["message"]
 
 
+def test_oversized_configs_are_422_inline_and_on_disk(setup):
+    """MAX_CONFIG_BYTES (256 KiB by default) caps what a request can make the server parse."""
+    client, data, _ = setup
+    big = {**config(), "description": "x" * 300_000}
+    r = client.post("/amplification/compile", json={"config": big})
+    assert r.status_code == 422 and "MAX_CONFIG_BYTES" in r.json()["error"]["message"], r.text
+    r = client.post("/generate_lda", json={"prompt": "a", "max_new_tokens": 1, "amplification": big})
+    assert r.status_code == 422 and "MAX_CONFIG_BYTES" in r.json()["error"]["message"], r.text
+    path = data / "big.yaml"
+    path.write_text("# padding\n" * 40_000 + json.dumps(config()))
+    r = client.post("/amplification/compile", json={"config_path": str(path)})
+    assert r.status_code == 422 and "config_path" in r.json()["error"]["message"], r.text
+    # Under the limit the same config compiles.
+    assert client.post("/amplification/compile", json={"config": config()}).status_code == 200
+
+
 def test_adapter_for_another_base_is_422(setup, tokenizer):
     client, data, _ = setup
     make_adapter(
