@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, description="extra port answering /ping and /health (RunPod serverless)"
     )
     data_dir: Path = Field(Path("data"), description="demo pair cache, jobs, compiled adapters")
+    shutdown_timeout: int = Field(
+        30, ge=0, description="seconds SIGTERM waits for in-flight requests before closing them"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     adapter_roots: str = Field(
