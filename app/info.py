@@ -49,6 +49,7 @@ def info_body(pair: LDAModelPair, settings: Settings, demo: Any) -> dict[str, An
             "max_config_bytes": settings.max_config_bytes,
             "max_weightdiff_tasks": settings.max_weightdiff_tasks,
             "max_weightdiff_samples": settings.max_weightdiff_samples,
+            "max_weightdiff_steps": settings.max_weightdiff_steps,
         },
         "versions": {
             "service": _version("model-diff-service"),

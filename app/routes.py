@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lda import IncompatibleTokenizersError, LDAModelPair
@@ -32,7 +32,10 @@ from app.schemas import (
 )
 from app.settings import Settings
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (409, 422, 429, 503)}
+# 400: a body that is not JSON at all; 422: JSON that breaks the schema or a rule.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 409, 422, 429, 503)
+}
 
 router = APIRouter()
 
@@ -189,7 +192,7 @@ async def tokenizer_compatibility(pair: PairDep) -> Any:
     }
 
 
-@router.get("/health")
+@router.get("/health", responses={503: ERRORS[503]})
 async def health(request: Request) -> Any:
     """Liveness: the process is up (503 only when model loading failed for good)."""
     if request.app.state.load_error:
@@ -197,7 +200,7 @@ async def health(request: Request) -> Any:
     return {"status": "ok"}
 
 
-@router.get("/ping")
+@router.get("/ping", responses={204: {"description": "models still loading"}, 503: ERRORS[503]})
 async def ping(request: Request) -> Any:
     """RunPod's load-balancer health check: 200 when ready, 204 while models load."""
     if request.app.state.pair is None:
@@ -216,7 +219,7 @@ async def info(request: Request, pair: PairDep) -> Any:
     return info_body(pair, _settings(request), request.app.state.demo)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 

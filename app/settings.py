@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(16, ge=1, description="open SSE streams at once (429 above)")
     max_weightdiff_tasks: int = Field(64, ge=1, description="tasks per weight-diff job")
     max_weightdiff_samples: int = Field(4096, ge=1, description="text samples per weight-diff job, all tasks")
+    max_weightdiff_steps: int = Field(
+        100_000, ge=1, description="optimizer steps per weight-diff job (`steps`, or epochs x batches)"
+    )
     max_config_bytes: int = Field(
         256 * 1024, ge=1024, description="largest amplification config (inline or file), in bytes"
     )

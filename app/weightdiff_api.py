@@ -75,6 +75,14 @@ class JobRequest(BaseModel):
     def task_names(self) -> list[str]:
         return [t.name or f"task{i}" for i, t in enumerate(self.tasks)]
 
+    @property
+    def step_estimate(self) -> int:
+        """`steps`, else epochs over the largest task (the trainer's count, before token budgets)."""
+        if self.steps is not None:
+            return self.steps
+        per_epoch = max(-(-len(t.samples) // (self.batch_size * self.grad_accum)) for t in self.tasks)
+        return self.epochs * per_epoch
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             r=self.r, lora_alpha=self.lora_alpha, lr=self.lr, steps=self.steps, epochs=self.epochs,
@@ -176,6 +184,9 @@ async def submit(req: JobRequest, request: Request) -> Any:
     samples, sample_limit = sum(len(t.samples) for t in req.tasks), _settings(request).max_weightdiff_samples
     if samples > sample_limit:
         raise ValueError(f"tasks: too many samples ({samples} in all tasks), the limit is {sample_limit}")
+    steps, step_limit = req.step_estimate, _settings(request).max_weightdiff_steps
+    if steps > step_limit:
+        raise ValueError(f"steps: the job would take {steps} optimizer steps, the limit is {step_limit}")
     if req.targets is not None:
         await _engine(request).run(lambda job: select_targets(amp.model, req.targets))
     record = _store(request).create(req.model_dump(), req.task_names)

@@ -31,7 +31,7 @@ def data_dir(demo_data_dir, tmp_path_factory):
 
 
 def app_client(data_dir, **kw):
-    return TestClient(create_app(Settings(data_dir=data_dir, max_weightdiff_tasks=4, max_weightdiff_samples=10, **kw)))
+    return TestClient(create_app(Settings(data_dir=data_dir, max_weightdiff_tasks=4, max_weightdiff_samples=10, max_weightdiff_steps=1000, **kw)))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,8 @@ def test_generation_is_served_between_steps_and_cancel(client):
         ({"tasks": [{"samples": ["x"]}], "lr": -1e-3}, "lr"),
         ({"tasks": [{"samples": ["x"]}] * 5}, "tasks"),
         ({"tasks": [{"samples": ["x"] * 4}] * 3}, "too many samples (12 in all tasks), the limit is 10"),
+        ({"tasks": [{"samples": ["x"]}], "steps": 1001}, "1001 optimizer steps, the limit is 1000"),
+        ({"tasks": [{"samples": ["x", "y"]}], "epochs": 501}, "1002 optimizer steps, the limit is 1000"),
         ({"tasks": [{"samples": ["x"]}], "targets": ["q_proj", "nonsense_proj"]}, "nonsense_proj"),
         ({"tasks": [{"samples": [[{"role": "robot", "content": "x"}]]}]}, "role"),
         ({"tasks": [{"name": "a/b", "samples": ["x"]}]}, "name"),
