@@ -152,3 +152,27 @@ def test_client_disconnect_frees_the_engine(server):
     assert r.status_code == 200
     # Without cancellation the quick request would queue behind ~4x `per_120` of decoding.
     assert waited < alone + per_120, (waited, alone, per_120)
+
+
+def test_stream_disconnect_mid_stream_frees_the_engine(server):
+    """A streaming client that hangs up after two tokens: the job stops at the next decode step,
+    and the next request runs at once and normally."""
+    big = {"prompt": "Hello world", "max_new_tokens": 480, "n": 16, "temperature": 0, "stop": []}
+    quick = {"prompt": "Hello world", "max_new_tokens": 4, "temperature": 0, "seed": 0}
+    expected = httpx.post(f"{server}/generate_lda", json=quick, timeout=30).json()["results"]
+    t0 = time.monotonic()
+    assert httpx.post(f"{server}/generate_lda", json=big | {"max_new_tokens": 120}, timeout=60).status_code == 200
+    per_120 = time.monotonic() - t0
+    tokens = 0
+    with httpx.stream("POST", f"{server}/generate_lda", json=big | {"stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            tokens += line.startswith("event: token")
+            if tokens == 2:
+                break  # leaving the block closes the connection mid-stream
+    t0 = time.monotonic()
+    r = httpx.post(f"{server}/generate_lda", json=quick, timeout=60)
+    waited = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["results"] == expected
+    # Without cancellation the quick request would queue behind ~4x `per_120` of decoding.
+    assert waited < per_120, (waited, per_120)
