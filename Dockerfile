@@ -7,7 +7,8 @@
 # BASE_IMAGE: any Debian/Ubuntu image whose apt has python3 >= 3.11 (the CUDA runtime by default;
 #   the local test build uses a debootstrapped Debian, see deploy/build_image.sh).
 # TORCH_INDEX_URL: empty takes PyPI's torch (the CUDA build on x86_64); the CPU index gives a small
-#   CPU-only image. UV_EXTRA_ARGS: passed to `uv pip install` (e.g. --find-links for local wheels).
+#   CPU-only image. UV_EXTRA_ARGS: passed to both `uv pip install` steps (e.g. --find-links for local
+#   wheels, --system-certs behind a TLS-intercepting proxy).
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -50,7 +51,7 @@ COPY app ./app
 COPY lda ./lda
 COPY amplification ./amplification
 COPY weightdiff ./weightdiff
-RUN uv pip install --python /opt/venv/bin/python --no-deps --no-cache . \
+RUN uv pip install --python /opt/venv/bin/python --no-deps --no-cache ${UV_EXTRA_ARGS} . \
     && chmod +x /srv/start.sh
 
 # 8000: the HTTP API; 22: ssh when PUBLIC_KEY is set.

