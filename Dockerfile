@@ -6,10 +6,11 @@
 #
 # BASE_IMAGE: any Debian/Ubuntu image whose apt has python3 >= 3.11 (the CUDA runtime by default;
 #   the local test build uses a debootstrapped Debian, see deploy/build_image.sh).
-# TORCH_INDEX_URL: empty takes PyPI's torch (the CUDA build on x86_64); the CPU index gives a small
-#   CPU-only image. UV_EXTRA_ARGS: passed to both `uv pip install` steps (e.g. --find-links for local
+# TORCH_INDEX_URL: empty takes PyPI's torch, the CUDA 13 build on x86_64 (its CUDA libraries come
+#   as pip packages; the host driver must support CUDA 13, i.e. >= 580); a PyTorch index for an
+#   older CUDA suits older drivers, the CPU index gives a small CPU-only image. UV_EXTRA_ARGS: passed to both `uv pip install` steps (e.g. --find-links for local
 #   wheels, --system-certs behind a TLS-intercepting proxy).
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=""
@@ -47,12 +48,13 @@ RUN --mount=type=cache,target=/root/.cache/uv \
         ${UV_EXTRA_ARGS} -r requirements.lock
 
 COPY pyproject.toml README.md start.sh ./
+COPY deploy/vast/onstart.sh ./vast-onstart.sh
 COPY app ./app
 COPY lda ./lda
 COPY amplification ./amplification
 COPY weightdiff ./weightdiff
 RUN uv pip install --python /opt/venv/bin/python --no-deps --no-cache ${UV_EXTRA_ARGS} . \
-    && chmod +x /srv/start.sh
+    && chmod +x /srv/start.sh /srv/vast-onstart.sh
 
 # 8000: the HTTP API; 22: ssh when PUBLIC_KEY is set.
 EXPOSE 8000 22

@@ -34,3 +34,9 @@ def test_dockerfile_matches_the_runpod_volume_and_ports():
     assert re.search(r"^EXPOSE 8000 22$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*--start-period=\d+s", text, re.M)
     assert 'ENTRYPOINT ["/srv/start.sh"]' in text
+
+
+def test_the_vast_onstart_script_is_in_the_image_where_the_readme_says():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "COPY deploy/vast/onstart.sh ./vast-onstart.sh" in text and "WORKDIR /srv" in text
+    assert "bash /srv/vast-onstart.sh" in (ROOT / "README.md").read_text()
