@@ -14,6 +14,7 @@ from app.amplify import Amplifier
 from app.generation import Usage
 from app.routes import (
     ERRORS,
+    STREAMING,
     _engine,
     _observe,
     _settings,
@@ -84,7 +85,7 @@ async def compile_and_load(req: CompileRequest, request: Request) -> Any:
     return await _engine(request).run(run)
 
 
-@router.post("/amplification/generate", responses=ERRORS)
+@router.post("/amplification/generate", responses=STREAMING)
 async def amplification_generate(req: AmplificationGenerateRequest, request: Request) -> Any:
     """Prompts x columns (base, plain adapters, each config) side by side, same seeds per column."""
     t0 = time.perf_counter()

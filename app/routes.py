@@ -37,6 +37,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 409, 422, 429, 503)
 }
 
+# Routes that take `stream: true` answer with Server-Sent Events instead of the JSON body.
+STREAMING: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the JSON body, or with `stream: true` SSE `token` events then one `result` (or `error`)",
+        "content": {"text/event-stream": {"schema": {"description": "each event's data is JSON"}}},
+    },
+    **ERRORS,
+}
+
 router = APIRouter()
 
 
@@ -94,7 +103,7 @@ def _observe(request: Request, route: str, t0: float, usage: Usage) -> None:
         metrics.ttft.labels(route).observe(usage.first_token_at - t0)
 
 
-@router.post("/generate_lda", response_model=LDAResponse, responses=ERRORS)
+@router.post("/generate_lda", response_model=LDAResponse, responses=STREAMING)
 async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
     """Decode with `after + alpha * (after - before)` for every prompt x alpha x n row."""
     t0 = time.perf_counter()

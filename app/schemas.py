@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Prompt = Annotated[str, Field(min_length=1)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# |alpha| beyond this overflows nothing in fp32 but is far past any useful amplification; bounding
+# it keeps `after + alpha * (after - before)` finite for any logits a model produces.
+MAX_ALPHA = 1000.0
+Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ALPHA, le=MAX_ALPHA)]
 StopString = Annotated[str, Field(min_length=1)]
 
 
@@ -26,7 +30,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: int = Field(80, ge=1, description="tokens to generate at most (server limit applies)")
-    temperature: FiniteFloat = Field(0.8, ge=0.0, description="0 = greedy")
+    temperature: FiniteFloat = Field(0.8, ge=0.0, description="0 (or below 1e-5) = greedy")
     top_p: FiniteFloat = Field(0.95, gt=0.0, le=1.0, description="nucleus mass, HF semantics")
     top_k: int = Field(0, ge=0, description="0 = off")
     do_sample: bool = Field(True, description="false = greedy, whatever the temperature")
@@ -43,8 +47,8 @@ class LDARequest(SamplingFields):
     prompts: list[Prompt] | None = Field(
         None, min_length=1, description="several prompts instead of `prompt`"
     )
-    alpha: FiniteFloat = Field(1.0, description="amplification; 0 = after model, -1 = before model")
-    alphas: list[FiniteFloat] | None = Field(
+    alpha: Alpha = Field(1.0, description="amplification; 0 = after model, -1 = before model")
+    alphas: list[Alpha] | None = Field(
         None, min_length=1, description="several alphas instead of `alpha`"
     )
     n: int = Field(1, ge=1, description="samples per (prompt, alpha)")

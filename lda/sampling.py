@@ -12,13 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample greedily (vLLM's threshold).
+GREEDY_BELOW = 1e-5
+
+
+class NonFiniteLogitsError(ValueError):
+    """Sampling met inf/NaN logits (a ValueError: the service answers 422, not 500)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token from a row's logits.
 
     Args:
-        temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+        temperature: 0 (or below GREEDY_BELOW, as vLLM) means greedy (argmax); otherwise logits
+            are divided by it.
         top_k: keep the k most likely tokens (ties at the k-th value kept, as HF); 0 = off.
         top_p: nucleus mass in (0, 1]; 1.0 = off.
     """
@@ -37,7 +45,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing by a temperature this small overflows fp32 logits to inf and softmax to NaN;
+        # the distribution is a point mass on the argmax by then anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 def logit_diff(after: torch.Tensor, before: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
@@ -91,4 +101,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(torch.argmax(logits).item())
     probs = logits_to_probs(logits, params)
+    if not bool(torch.isfinite(probs).all()):
+        # Logits overflowed: a request's extreme amplification weight or alpha, or a model that
+        # produces inf in its dtype. The request is at fault or cannot be served; the server is fine.
+        raise NonFiniteLogitsError(
+            "the amplified logits are not finite (inf or NaN); use a smaller alpha or amplification weight"
+        )
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -330,3 +330,15 @@ def test_concurrent_amplification_does_not_leak_into_generate(client):
     assert not errors
     ok = [r.json() for r in during if r.status_code == 200]
     assert ok and all(x == alone[0] for x in ok + alone)
+
+
+def test_overflowing_amplification_is_422_and_weights_restored(client):
+    """A huge (finite) weight overflows the merged weights to inf: a 422 naming the cause, never a
+    500, and the base weights come back bit-exact."""
+    before = base_digests(client)
+    body = {"prompt": "Hello", "configs": [config(weight=1e38)], "max_new_tokens": 2, "temperature": 1.0}
+    r = client.post("/amplification/generate", json=body)
+    assert r.status_code == 422 and "not finite" in r.json()["error"]["message"], r.text
+    assert base_digests(client) == before
+    r = client.post("/generate_lda", json={"prompt": "Hello", "alpha": 1001, "max_new_tokens": 2})
+    assert r.status_code == 422 and "alpha" in r.json()["error"]["message"], r.text

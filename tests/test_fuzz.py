@@ -62,9 +62,23 @@ def fuzz_app(tiny_dirs, tmp_path_factory):
         yield app
 
 
+def without_lifespan(app):
+    """The app for schemathesis's calls: it opens a TestClient per call, which would run the
+    lifespan (a new engine, the models loaded again) every time. The module's client already ran it."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return wrapped
+
+
 @pytest.fixture(scope="module")
 def api_schema(fuzz_app):
-    return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+    return schemathesis.openapi.from_asgi("/openapi.json", without_lifespan(fuzz_app))
 
 
 @pytest.mark.parametrize("method, path, mode", OPERATIONS, ids=[f"{m} {p} {g.value}" for m, p, g in OPERATIONS])

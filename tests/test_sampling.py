@@ -64,3 +64,20 @@ def test_greedy_and_seeded_sampling():
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """Found by fuzzing: temperature 5e-294 overflowed logits / T to inf and softmax to NaN."""
+    from lda.sampling import GREEDY_BELOW, SamplingParams, sample
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    for t in (5e-294, 1e-9, GREEDY_BELOW / 2):
+        assert SamplingParams(temperature=t).greedy and sample(logits, SamplingParams(temperature=t), None) == 1
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy
+
+
+def test_non_finite_logits_raise_a_value_error_not_a_crash():
+    from lda.sampling import NonFiniteLogitsError, SamplingParams, sample
+
+    with pytest.raises(NonFiniteLogitsError, match="not finite"):
+        sample(torch.tensor([float("inf"), 1.0, float("nan")]), SamplingParams(temperature=1.0), None)
