@@ -12,6 +12,7 @@ import time
 import httpx
 
 from tests.test_cli import free_port, server_env
+from tests.test_start_sh import wait_ready
 
 
 def test_sigterm_drains_the_stream_in_flight_and_interrupts_jobs(tiny_dirs, tmp_path):
@@ -23,14 +24,7 @@ def test_sigterm_drains_the_stream_in_flight_and_interrupts_jobs(tiny_dirs, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(url, proc, log)
         job = httpx.post(f"{url}/weightdiff/jobs", json={"tasks": [{"samples": ["a b c d"]}], "steps": 100000})
         assert job.status_code == 202, job.text
         body = {"prompts": [f"p{i}" for i in range(8)], "alphas": [0.0, 1.0], "max_new_tokens": 256,
