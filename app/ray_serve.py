@@ -126,8 +126,8 @@ def deployment_options(
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         # A pair that failed to load rarely loads on a retry; Serve's default is 20 tries.
         "max_constructor_retry_count": 3,
-        # The single server's uvicorn drains for 30 s on SIGTERM; give a stopping replica as long.
-        "graceful_shutdown_timeout_s": 30,
+        # A stopping replica drains as long as a single server does on SIGTERM (SHUTDOWN_TIMEOUT).
+        "graceful_shutdown_timeout_s": settings.shutdown_timeout,
     }
     if num_replicas is not None:
         options["num_replicas"] = int(num_replicas)
