@@ -297,12 +297,14 @@ class AdapterRegistry:
     def locate(self, source: str) -> Path:
         """The directory to read: a confined local directory, else a hub snapshot when enabled.
 
-        A relative source is looked up under each allowed root in turn; an absolute one is taken as is.
+        A relative source is looked up under each allowed root in turn, then from the working
+        directory (so `data/x` works with DATA_DIR=data); an absolute one is taken as is. Whatever
+        it resolves to must lie under an allowed root.
         """
         if not source:
             raise AdapterError("adapter source is empty")
         path = Path(source)
-        candidates = [path] if path.is_absolute() else [root / path for root in self.allowed_roots]
+        candidates = [path] if path.is_absolute() else [*(root / path for root in self.allowed_roots), path]
         for candidate in candidates:
             try:
                 real = candidate.resolve(strict=True)

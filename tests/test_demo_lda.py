@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -127,3 +128,15 @@ def test_default_settings_serve_the_demo_pair(demo_data_dir):
             },
         )
         assert r.status_code == 200 and r.json()["model_after"] == f"demo/before+{compiled['lora_name']}"
+
+
+def test_relative_data_dir_serves_the_demo_pair_with_its_adapter(demo_data_dir, tmp_path, monkeypatch):
+    """`make serve` runs with DATA_DIR=data, relative: the demo adapter's path is then relative
+    too and must still load (a fresh clone's first start failed here)."""
+    import shutil
+
+    shutil.copytree(demo_data_dir / "demo", tmp_path / "data" / "demo")
+    monkeypatch.chdir(tmp_path)
+    with TestClient(create_app(Settings(data_dir=Path("data")))) as client:
+        wait_ready(client)
+        assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["demo"]
