@@ -89,6 +89,16 @@ def _list(data: Any, what: str) -> list[Any]:
     return list(data)
 
 
+def _freeze_items(obj: Any, field: str, cls: type, what: str) -> None:
+    """Check that `obj.field` is a list of `cls` and store it as a tuple (the dataclasses are frozen)."""
+    with field_path(field):
+        items = tuple(_list(getattr(obj, field), what))
+    for i, item in enumerate(items):
+        if not isinstance(item, cls):
+            raise ConfigError(f"{field}[{i}]", f"expected {cls.__name__}, got {item!r}")
+    object.__setattr__(obj, field, items)
+
+
 @dataclass(frozen=True)
 class ModuleAmplification:
     """Weight for one module kind of a layer: `attention`, `mlp`, or `all` (both)."""
@@ -196,12 +206,7 @@ class LayerAmplification:
             raise ConfigError("is_relative", f"expected true or false, got {self.is_relative!r}")
         with field_path("layers"):
             object.__setattr__(self, "layers", _check_layers(self.layers, self.is_relative))
-        with field_path("module_amplifications"):
-            mods = tuple(_list(self.module_amplifications, "module amplifications"))
-        for i, m in enumerate(mods):
-            if not isinstance(m, ModuleAmplification):
-                raise ConfigError(f"module_amplifications[{i}]", f"expected ModuleAmplification, got {m!r}")
-        object.__setattr__(self, "module_amplifications", mods)
+        _freeze_items(self, "module_amplifications", ModuleAmplification, "module amplifications")
 
     def to_dict(self) -> dict[str, Any]:
         layers = self.layers
@@ -256,12 +261,7 @@ class AmplifiedAdapter:
             raise ConfigError(
                 "variant", f"expected a string or null, got {_type_name(self.variant)} {self.variant!r}"
             )
-        with field_path("layer_amplifications"):
-            entries = tuple(_list(self.layer_amplifications, "layer amplifications"))
-        for i, e in enumerate(entries):
-            if not isinstance(e, LayerAmplification):
-                raise ConfigError(f"layer_amplifications[{i}]", f"expected LayerAmplification, got {e!r}")
-        object.__setattr__(self, "layer_amplifications", entries)
+        _freeze_items(self, "layer_amplifications", LayerAmplification, "layer amplifications")
 
     @property
     def is_custom(self) -> bool:
@@ -317,12 +317,7 @@ class AmplificationConfig:
             raise ConfigError(
                 "description", f"expected a string, got {_type_name(self.description)} {self.description!r}"
             )
-        with field_path("adapters"):
-            adapters = tuple(_list(self.adapters, "adapters"))
-        for i, a in enumerate(adapters):
-            if not isinstance(a, AmplifiedAdapter):
-                raise ConfigError(f"adapters[{i}]", f"expected AmplifiedAdapter, got {a!r}")
-        object.__setattr__(self, "adapters", adapters)
+        _freeze_items(self, "adapters", AmplifiedAdapter, "adapters")
 
     @property
     def amplified_adapters(self) -> tuple[AmplifiedAdapter, ...]:

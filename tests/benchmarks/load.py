@@ -34,6 +34,7 @@ import uvicorn  # noqa: E402
 
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from tests.test_amplification_merge import digests  # noqa: E402
 
 GREEDY = {"prompt": "What is the sun?", "max_new_tokens": 16, "temperature": 0.0, "alpha": 1.0, "seed": 0}
 AMPLIFY = {
@@ -64,16 +65,10 @@ def mix(i: int) -> tuple[str, dict[str, Any], bool]:
 
 
 def weights_sha256(app: Any) -> str:
-    """One SHA-256 over every parameter of both models, in a fixed order."""
-    h = hashlib.sha256()
+    """One SHA-256 over the per-parameter digests of both models."""
     pair = app.state.pair
-    for side in (pair.after, pair.before):
-        for name, p in side.model.named_parameters():
-            raw = p.detach().cpu().contiguous()
-            raw = raw.view(torch.int16) if raw.dtype == torch.bfloat16 else raw
-            h.update(name.encode())
-            h.update(raw.numpy().tobytes())
-    return h.hexdigest()
+    both = [digests(pair.after.model), digests(pair.before.model)]
+    return hashlib.sha256(json.dumps(both, sort_keys=True).encode()).hexdigest()
 
 
 def free_port() -> int:
