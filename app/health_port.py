@@ -12,7 +12,7 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 
-from app.routes import health, ping
+from app.system.router import health, ping
 
 
 def health_app(main: FastAPI) -> FastAPI:

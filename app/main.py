@@ -10,18 +10,20 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.amp_routes import router as amp_router
-from app.weightdiff_api import interrupt_active
-from app.weightdiff_api import router as weightdiff_router
 from weightdiff.jobs import JobStore
-from app.amplify import Amplifier
+
+from app.amplification_lens.amplifier import Amplifier
+from app.amplification_lens.router import router as amplification_router
+from app.api.errors import install_error_handlers
+from app.api.metrics import Metrics
+from app.api.middleware import CountRequests, Guard
 from app.engine import Engine
-from app.middleware import CountRequests, Guard
-from app.errors import install_error_handlers
+from app.lda_lens.router import router as lda_router
 from app.loader import load_pair
-from app.metrics import Metrics
-from app.routes import router
 from app.settings import Settings, get_settings
+from app.system.router import router as system_router
+from app.weightdiff_lens.jobs import interrupt_active
+from app.weightdiff_lens.router import router as weightdiff_router
 
 log = logging.getLogger("app")
 
@@ -96,8 +98,9 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.open_streams = 0
     app.state.job_cancels = {}
     install_error_handlers(app)
-    app.include_router(router)
-    app.include_router(amp_router)
+    app.include_router(system_router)
+    app.include_router(lda_router)
+    app.include_router(amplification_router)
     app.include_router(weightdiff_router)
 
     if settings.cors_origin_list:

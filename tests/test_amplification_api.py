@@ -256,7 +256,7 @@ def test_streamed_amplification(client):
 
 
 def test_failure_mid_generation_restores_weights(client, monkeypatch):
-    import app.amp_jobs as jobs
+    import app.amplification_lens.jobs as jobs
 
     before = base_digests(client)
     real = jobs.run_events

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import key_matches
+from app.api.auth import key_matches
 from app.main import create_app
 from tests.test_api import make_settings, wait_ready
 

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app import demo
+from app.demo import build as demo
 from app.demo import DEMO_VERSION, MARKER, DemoPaths, build_tokenizer, demo_prompts, ensure_demo_pair
 
 

@@ -9,21 +9,13 @@ from fastapi import APIRouter, Request
 
 from amplification import AmplificationConfig
 
-from app.amp_jobs import amplification_job
-from app.amplify import Amplifier
-from app.generation import Usage
-from app.routes import (
-    ERRORS,
-    STREAMING,
-    _engine,
-    _observe,
-    _settings,
-    check_limits,
-    get_amplifier,
-    run_job,
-    stream_response,
-)
-from app.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
+from app.amplification_lens.amplifier import Amplifier
+from app.amplification_lens.jobs import amplification_job
+from app.amplification_lens.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
+from app.api.deps import check_limits, get_amplifier, get_engine, get_settings, observe
+from app.api.generation import Usage
+from app.api.schemas import ERRORS, STREAMING
+from app.api.streaming import run_job, stream_response
 
 router = APIRouter()
 MAX_COLUMNS = 16
@@ -39,7 +31,7 @@ async def list_adapters(request: Request) -> Any:
 async def load_adapter(req: AdapterLoadRequest, request: Request) -> Any:
     """Load a PEFT LoRA adapter (local directory under an allowed root, or a hub id when online)."""
     amp = get_amplifier(request)
-    adapter = await _engine(request).run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
+    adapter = await get_engine(request).run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
     return adapter.info()
 
 
@@ -51,7 +43,7 @@ async def get_adapter(name: str, request: Request) -> Any:
 @router.delete("/adapters/{name}", responses={404: ERRORS[422]})
 async def delete_adapter(name: str, request: Request) -> Any:
     amp = get_amplifier(request)
-    adapter = await _engine(request).run(lambda job: amp.registry.delete(name))
+    adapter = await get_engine(request).run(lambda job: amp.registry.delete(name))
     return {"deleted": adapter.name}
 
 
@@ -70,7 +62,7 @@ def _config(amp: Amplifier, req: CompileRequest) -> AmplificationConfig:
 async def compile_config(req: CompileRequest, request: Request) -> Any:
     """Validate and resolve a config: per-layer, per-module weights, content hash, lora_name."""
     amp = get_amplifier(request)
-    return await _engine(request).run(lambda job: amp.describe(amp.compile(_config(amp, req))))
+    return await get_engine(request).run(lambda job: amp.describe(amp.compile(_config(amp, req))))
 
 
 @router.post("/v1/compile_and_load_amplification", responses=ERRORS)
@@ -82,7 +74,7 @@ async def compile_and_load(req: CompileRequest, request: Request) -> Any:
         compiled = amp.compile(_config(amp, req))
         return {"lora_name": compiled.lora_name, "lora_path": str(amp.write_compiled(compiled))}
 
-    return await _engine(request).run(run)
+    return await get_engine(request).run(run)
 
 
 @router.post("/amplification/generate", responses=STREAMING)
@@ -93,12 +85,12 @@ async def amplification_generate(req: AmplificationGenerateRequest, request: Req
     columns = len(req.configs) + int(req.include_base)
     if columns > MAX_COLUMNS:
         raise ValueError(f"too many columns: {columns}, the limit is {MAX_COLUMNS}")
-    check_limits(_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
+    check_limits(get_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
     usage = Usage()
     if req.stream:
         return stream_response(
             request, amplification_job(amp, req, usage), t0, usage, "/amplification/generate"
         )
     body = await run_job(request, amplification_job(amp, req, usage))
-    _observe(request, "/amplification/generate", t0, usage)
+    observe(request, "/amplification/generate", t0, usage)
     return body

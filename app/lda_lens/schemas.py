@@ -1,45 +1,17 @@
-"""Request and response bodies. Seed field names are kept; extensions are optional."""
+"""Request and response bodies of the LDA lens. Seed field names are kept; extensions are optional."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-Prompt = Annotated[str, Field(min_length=1)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+from app.api.schemas import Prompt, SamplingFields
+
 # |alpha| beyond this overflows nothing in fp32 but is far past any useful amplification; bounding
 # it keeps `after + alpha * (after - before)` finite for any logits a model produces.
 MAX_ALPHA = 1000.0
 Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ALPHA, le=MAX_ALPHA)]
-StopString = Annotated[str, Field(min_length=1)]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class SamplingFields(BaseModel):
-    """Fields shared by every generation route."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    max_new_tokens: int = Field(80, ge=1, description="tokens to generate at most (server limit applies)")
-    temperature: FiniteFloat = Field(0.8, ge=0.0, description="0 (or below 1e-5) = greedy")
-    top_p: FiniteFloat = Field(0.95, gt=0.0, le=1.0, description="nucleus mass, HF semantics")
-    top_k: int = Field(0, ge=0, description="0 = off")
-    do_sample: bool = Field(True, description="false = greedy, whatever the temperature")
-    seed: int | None = Field(None, ge=0, le=2**62, description="row i uses seed + i; omitted = random")
-    apply_chat_template: bool = True
-    system_prompt: str | None = None
-    stop: list[StopString] = Field(
-        default_factory=list, description="stop strings (not included in the text)"
-    )
 
 
 class LDARequest(SamplingFields):
@@ -142,55 +114,3 @@ class TokenizerCompatibilityResponse(BaseModel):
     logits_width_1: int
     logits_width_2: int
     shared_width: int
-
-
-ConfigRef = dict | str
-
-
-class AdapterLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    name: str = Field(min_length=1, max_length=64, description="registry name, [A-Za-z0-9_-]")
-    source: str = Field(min_length=1, description="local directory under an allowed root, or a hub id")
-    replace: bool = False
-
-
-class CompileRequest(BaseModel):
-    """The diffing toolkit's compile body."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: dict | None = None
-    config_path: str | None = None
-    organism_name: str | None = None
-    variant: str | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self) -> CompileRequest:
-        if (self.config is None) == (self.config_path is None):
-            raise ValueError("give exactly one of `config` or `config_path`")
-        return self
-
-
-class AmplificationGenerateRequest(SamplingFields):
-    prompt: Prompt | None = None
-    prompts: list[Prompt] | None = Field(None, min_length=1)
-    configs: list[ConfigRef] = Field(
-        default_factory=list, description="config bodies, compiled lora_names or registered adapter names"
-    )
-    include_base: bool = Field(False, description="add a column for the base model alone")
-    include_adapters: bool = Field(False, description="add a column per adapter at weight 1")
-    n: int = Field(1, ge=1)
-    stream: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> AmplificationGenerateRequest:
-        if (self.prompt is None) == (self.prompts is None):
-            raise ValueError("give exactly one of `prompt` or `prompts`")
-        if not self.configs and not self.include_base:
-            raise ValueError("configs: give at least one config (or include_base)")
-        return self
-
-    @property
-    def prompt_list(self) -> list[str]:
-        return self.prompts if self.prompts is not None else [self.prompt]  # type: ignore[list-item]

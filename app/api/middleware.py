@@ -11,9 +11,9 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import OPEN_PATHS, key_matches
-from app.errors import error_response
-from app.metrics import Metrics
+from app.api.auth import OPEN_PATHS, key_matches
+from app.api.errors import error_response
+from app.api.metrics import Metrics
 
 
 class CountRequests:

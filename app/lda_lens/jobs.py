@@ -6,17 +6,16 @@ emits stream events, checks the cancel flag between tokens, and builds the respo
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lda import LDAModelPair, Row, RowOutput, SamplingParams, Side, TokenEvent
+from lda import LDAModelPair, Row, RowOutput, Side, TokenEvent
 from lda.pair import check_context, full_text, readable_prompt
 
+from app.api.generation import Usage, base_seed, run_events, sampling_params
 from app.engine import Job
-from app.schemas import GenerateRequest, LDARequest, SamplingFields
+from app.lda_lens.schemas import GenerateRequest, LDARequest
 
 
 @dataclass(frozen=True)
@@ -25,46 +24,6 @@ class RowMeta:
     alpha: float
     sample_index: int
     seed: int
-
-
-@dataclass
-class Usage:
-    """What the route reports to metrics after the job."""
-
-    first_token_at: float | None = None
-    tokens: int = 0
-
-
-def sampling_params(req: SamplingFields) -> SamplingParams:
-    temperature = req.temperature if req.do_sample else 0.0
-    return SamplingParams(temperature=temperature, top_k=req.top_k, top_p=req.top_p)
-
-
-def base_seed(req: SamplingFields) -> int:
-    return req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
-
-
-def run_events(
-    job: Job,
-    events: Iterator[TokenEvent | RowOutput],
-    n_rows: int,
-    usage: Usage,
-    on_event: Callable[[Any], None],
-) -> list[RowOutput] | None:
-    """Drain a decode, forwarding events; None when the job was cancelled part-way."""
-    outputs: list[RowOutput | None] = [None] * n_rows
-    for event in events:
-        if isinstance(event, TokenEvent):
-            if usage.first_token_at is None:
-                usage.first_token_at = time.perf_counter()
-            usage.tokens += 1
-        else:
-            outputs[event.row] = event
-        on_event(event)
-        if job.cancelled:
-            events.close()  # type: ignore[attr-defined]
-            return None
-    return outputs  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

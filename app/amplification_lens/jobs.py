@@ -11,10 +11,12 @@ from lda import LDAModelPair, Row, RowOutput, TokenEvent, decode
 from lda.pair import Side, check_context, readable_prompt
 from lda.source import ModelSource
 
-from app.amplify import Amplifier, Compiled
+from app.amplification_lens.amplifier import Amplifier, Compiled
+from app.amplification_lens.schemas import AmplificationGenerateRequest
+from app.api.generation import Usage, base_seed, run_events, sampling_params
 from app.engine import Job
-from app.generation import Decoder, Usage, base_seed, run_events, sampling_params
-from app.schemas import AmplificationGenerateRequest, LDARequest
+from app.lda_lens.jobs import Decoder
+from app.lda_lens.schemas import LDARequest
 
 
 def text_side(pair: LDAModelPair) -> Side:

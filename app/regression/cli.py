@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -160,6 +159,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nPASS: all {len(results)} completions match {args.baseline}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

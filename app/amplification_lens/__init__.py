@@ -1,0 +1,1 @@
+"""The amplification lens: `/adapters`, `/amplification/*` and the toolkit's compile route."""

@@ -1,0 +1,1 @@
+"""HTTP plumbing every lens shares: dependencies, streaming, errors, middleware, auth, metrics."""

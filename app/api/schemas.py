@@ -1,0 +1,53 @@
+"""Bodies every route shares: the error shape and the sampling fields of every generation route."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Prompt = Annotated[str, Field(min_length=1)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by every generation route."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_new_tokens: int = Field(80, ge=1, description="tokens to generate at most (server limit applies)")
+    temperature: FiniteFloat = Field(0.8, ge=0.0, description="0 (or below 1e-5) = greedy")
+    top_p: FiniteFloat = Field(0.95, gt=0.0, le=1.0, description="nucleus mass, HF semantics")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    do_sample: bool = Field(True, description="false = greedy, whatever the temperature")
+    seed: int | None = Field(None, ge=0, le=2**62, description="row i uses seed + i; omitted = random")
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    stop: list[StopString] = Field(
+        default_factory=list, description="stop strings (not included in the text)"
+    )
+
+
+# 400: a body that is not JSON at all; 422: JSON that breaks the schema or a rule.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 409, 422, 429, 503)
+}
+
+# Routes that take `stream: true` answer with Server-Sent Events instead of the JSON body.
+STREAMING: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the JSON body, or with `stream: true` SSE `token` events then one `result` (or `error`)",
+        "content": {"text/event-stream": {"schema": {"description": "each event's data is JSON"}}},
+    },
+    **ERRORS,
+}

@@ -1,0 +1,1 @@
+"""The LDA lens: `/generate_lda`, `/generate` and `/tokenizer_compatibility`."""

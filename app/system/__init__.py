@@ -1,0 +1,1 @@
+"""Routes about the process itself: liveness, readiness, info, metrics."""

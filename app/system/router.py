@@ -1,0 +1,48 @@
+"""Liveness, readiness, `/info` and `/metrics`: the routes about the process, not a lens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import PairDep, get_metrics, get_settings
+from app.api.errors import error_response
+from app.api.schemas import ERRORS
+from app.system.info import info_body
+
+router = APIRouter()
+
+
+@router.get("/health", responses={503: ERRORS[503]})
+async def health(request: Request) -> Any:
+    """Liveness: the process is up (503 only when model loading failed for good)."""
+    if request.app.state.load_error:
+        return error_response(503, f"models failed to load: {request.app.state.load_error}", "load_failed")
+    return {"status": "ok"}
+
+
+@router.get("/ping", responses={204: {"description": "models still loading"}, 503: ERRORS[503]})
+async def ping(request: Request) -> Any:
+    """RunPod's load-balancer health check: 200 when ready, 204 while models load."""
+    if request.app.state.pair is None:
+        return Response(status_code=204 if not request.app.state.load_error else 503)
+    return {"status": "healthy"}
+
+
+@router.get("/ready", responses=ERRORS)
+async def ready(request: Request, pair: PairDep) -> Any:
+    """Readiness: 200 once both models are loaded, 503 before."""
+    return {"status": "ready", "model_after": pair.after.model_id, "model_before": pair.before.model_id}
+
+
+@router.get("/info", responses=ERRORS)
+async def info(request: Request, pair: PairDep) -> Any:
+    return info_body(pair, get_settings(request), request.app.state.demo)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    return Response(get_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,99 @@
+"""`/weightdiff/jobs`: batched weight-diff training as background jobs on the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from weightdiff.jobs import ACTIVE, JobRecord, JobStore
+from weightdiff.lora import select_targets
+
+from app.api.deps import get_amplifier, get_engine, get_settings
+from app.api.schemas import ERRORS
+from app.weightdiff_lens.jobs import drive
+from app.weightdiff_lens.schemas import JobRequest
+
+router = APIRouter()
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+@router.post("/weightdiff/jobs", status_code=202, responses=ERRORS)
+async def submit(req: JobRequest, request: Request) -> Any:
+    """Train one LoRA per task in one batched forward/backward; returns the job id at once."""
+    amp = get_amplifier(request)
+    limit = get_settings(request).max_weightdiff_tasks
+    if len(req.tasks) > limit:
+        raise ValueError(f"tasks: too many tasks ({len(req.tasks)}), the limit is {limit}")
+    samples, sample_limit = sum(len(t.samples) for t in req.tasks), get_settings(request).max_weightdiff_samples
+    if samples > sample_limit:
+        raise ValueError(f"tasks: too many samples ({samples} in all tasks), the limit is {sample_limit}")
+    steps, step_limit = req.step_estimate, get_settings(request).max_weightdiff_steps
+    if steps > step_limit:
+        raise ValueError(f"steps: the job would take {steps} optimizer steps, the limit is {step_limit}")
+    if req.targets is not None:
+        await get_engine(request).run(lambda job: select_targets(amp.model, req.targets))
+    record = _store(request).create(req.model_dump(), req.task_names)
+    cancel = threading.Event()
+    request.app.state.job_cancels[record.id] = cancel
+    task = asyncio.create_task(drive(request.app, record, req, cancel))
+    request.app.state.job_tasks.add(task)
+    task.add_done_callback(request.app.state.job_tasks.discard)
+    return {"id": record.id, "status": record.status}
+
+
+def _record(request: Request, job_id: str) -> JobRecord:
+    record = _store(request).get(job_id)
+    if record is None:
+        raise FileNotFoundError(f"no weight-diff job {job_id!r}")
+    return record
+
+
+@router.get("/weightdiff/jobs")
+async def list_jobs(request: Request) -> Any:
+    return {"jobs": [r.public() for r in _store(request).list()]}
+
+
+@router.get("/weightdiff/jobs/{job_id}", responses={404: ERRORS[422]})
+async def job_status(job_id: str, request: Request) -> Any:
+    return _record(request, job_id).public()
+
+
+@router.delete("/weightdiff/jobs/{job_id}", responses={404: ERRORS[422]})
+async def cancel_job(job_id: str, request: Request) -> Any:
+    """Cancel a queued or running job; it stops before its next step."""
+    record = _record(request, job_id)
+    if record.status in ACTIVE:
+        request.app.state.job_cancels[job_id].set()
+    return {"id": job_id, "status": record.status, "cancelling": record.status in ACTIVE}
+
+
+@router.get("/weightdiff/jobs/{job_id}/tasks/{task}/adapter", responses={404: ERRORS[422]})
+async def download(job_id: str, task: str, request: Request, format: Literal["zip", "tar"] = "zip") -> Response:
+    """One task's PEFT adapter directory as a zip (or tar) archive."""
+    record = _record(request, job_id)
+    if task not in record.outputs:
+        raise FileNotFoundError(f"job {job_id!r} has no finished adapter for task {task!r} (status {record.status})")
+    folder = Path(record.outputs[task])
+    buf = io.BytesIO()
+    if format == "zip":
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(folder.iterdir()):
+                zf.write(f, f"{task}/{f.name}")
+        media = "application/zip"
+    else:
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            tf.add(folder, arcname=task)
+        media = "application/gzip"
+    name = f"{job_id}-{task}.{'zip' if format == 'zip' else 'tar.gz'}"
+    return Response(buf.getvalue(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -1,0 +1,69 @@
+"""Request bodies of the weight-diff lens."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from weightdiff import TrainConfig
+
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: TaskName | None = None
+    samples: list[Annotated[str, Field(min_length=1)] | list[ChatMessage]] = Field(min_length=1)
+    seed: int | None = None
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    r: int = Field(1, ge=1, le=256, description="LoRA rank (DIT's default is 1)")
+    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="None = scale 1/r")
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; None = `epochs` passes")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    seed: int = 0
+    targets: list[str] | None = Field(None, min_length=1, description="e.g. [q_proj, v_proj]; None = all")
+    register_adapters: bool = Field(
+        False, alias="register", description="register each trained diff as adapter wd-<job>-<task>"
+    )
+    export_dit: bool = False
+
+    @model_validator(mode="after")
+    def _names(self) -> JobRequest:
+        names = self.task_names
+        if len(set(names)) != len(names):
+            raise ValueError("tasks: task names must be unique")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name or f"task{i}" for i, t in enumerate(self.tasks)]
+
+    @property
+    def step_estimate(self) -> int:
+        """`steps`, else epochs over the largest task (the trainer's count, before token budgets)."""
+        if self.steps is not None:
+            return self.steps
+        per_epoch = max(-(-len(t.samples) // (self.batch_size * self.grad_accum)) for t in self.tasks)
+        return self.epochs * per_epoch
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            r=self.r, lora_alpha=self.lora_alpha, lr=self.lr, steps=self.steps, epochs=self.epochs,
+            batch_size=self.batch_size, grad_accum=self.grad_accum,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, seed=self.seed, targets=self.targets,
+        )
