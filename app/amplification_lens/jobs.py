@@ -7,13 +7,13 @@ from typing import Any
 
 from amplification import ConfigError, merged
 from amplification.adapter_mode import AdapterSource
-from lda import LDAModelPair, Row, RowOutput, TokenEvent, decode
+from lda import LDAModelPair, Row, decode
 from lda.pair import Side, check_context, readable_prompt
 from lda.source import ModelSource
 
 from app.amplification_lens.amplifier import Amplifier, Compiled
 from app.amplification_lens.schemas import AmplificationGenerateRequest
-from app.api.generation import Usage, base_seed, run_events, sampling_params
+from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
 from app.engine import Job
 from app.lda_lens.jobs import Decoder
 from app.lda_lens.schemas import LDARequest
@@ -91,17 +91,10 @@ def amplification_job(
         config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
         out_columns = []
         for c, (name, kind, compiled) in enumerate(columns):
-
-            def forward(event: Any, c: int = c) -> None:
-                if isinstance(event, TokenEvent) and event.text:
-                    job.emit({"column": c, "row": event.row, "token_id": event.token_id, "text": event.text})
-                elif isinstance(event, RowOutput) and event.tail:
-                    job.emit({"column": c, "row": event.row, "token_id": None, "text": event.tail})
-
             plan = amp.plan(compiled) if compiled is not None else {}
             with merged(amp.model, plan):
                 events = decode(ModelSource(amp.model), side.tokenizer, rows, config)
-                outputs = run_events(job, events, len(rows), usage, forward)
+                outputs = run_events(job, events, len(rows), usage, emit_text(job, column=c))
             if outputs is None:
                 return None
             out_columns.append(
@@ -114,11 +107,7 @@ def amplification_job(
                             "prompt_index": i // req.n,
                             "sample_index": i % req.n,
                             "seed": rows[i].seed,
-                            "completion": o.text,
-                            "text": shown[i // req.n] + o.text,
-                            "tokens_generated": o.tokens_generated,
-                            "stopped_early": o.stopped_early,
-                            "finish_reason": o.finish_reason,
+                            **row_body(o, shown[i // req.n]),
                         }
                         for i, o in enumerate(outputs)
                     ],

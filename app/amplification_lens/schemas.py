@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import Prompt, SamplingFields
+from app.api.schemas import PromptFields
 
 ConfigRef = dict | str
 
@@ -34,9 +34,7 @@ class CompileRequest(BaseModel):
         return self
 
 
-class AmplificationGenerateRequest(SamplingFields):
-    prompt: Prompt | None = None
-    prompts: list[Prompt] | None = Field(None, min_length=1)
+class AmplificationGenerateRequest(PromptFields):
     configs: list[ConfigRef] = Field(
         default_factory=list, description="config bodies, compiled lora_names or registered adapter names"
     )
@@ -47,12 +45,6 @@ class AmplificationGenerateRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check(self) -> AmplificationGenerateRequest:
-        if (self.prompt is None) == (self.prompts is None):
-            raise ValueError("give exactly one of `prompt` or `prompts`")
         if not self.configs and not self.include_base:
             raise ValueError("configs: give at least one config (or include_base)")
         return self
-
-    @property
-    def prompt_list(self) -> list[str]:
-        return self.prompts if self.prompts is not None else [self.prompt]  # type: ignore[list-item]

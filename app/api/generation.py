@@ -53,3 +53,27 @@ def run_events(
             events.close()  # type: ignore[attr-defined]
             return None
     return outputs  # type: ignore[return-value]
+
+
+def row_body(out: RowOutput, shown_prompt: str) -> dict[str, Any]:
+    """The fields every route reports for one decoded row; `shown_prompt` is the readable prompt."""
+    return {
+        "completion": out.text,
+        "text": shown_prompt + out.text,
+        "tokens_generated": out.tokens_generated,
+        "stopped_early": out.stopped_early,
+        "finish_reason": out.finish_reason,
+    }
+
+
+def emit_text(job: Job, **labels: Any) -> Callable[[Any], None]:
+    """An event handler that streams each row's new text: sampled tokens, then any tail the stop
+    check held back. `labels` (e.g. the column) go into every item."""
+
+    def forward(event: Any) -> None:
+        if isinstance(event, TokenEvent) and event.text:
+            job.emit({**labels, "row": event.row, "token_id": event.token_id, "text": event.text})
+        elif isinstance(event, RowOutput) and event.tail:
+            job.emit({**labels, "row": event.row, "token_id": None, "text": event.tail})
+
+    return forward

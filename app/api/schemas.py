@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Prompt = Annotated[str, Field(min_length=1)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -38,10 +38,34 @@ class SamplingFields(BaseModel):
     )
 
 
+
+class PromptFields(SamplingFields):
+    """`prompt` (the seed's field) or `prompts`, exactly one of them."""
+
+    prompt: Prompt | None = Field(None, description="the user message (seed field)")
+    prompts: list[Prompt] | None = Field(None, min_length=1, description="several prompts instead of `prompt`")
+
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> PromptFields:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of `prompt` or `prompts`")
+        return self
+
+    @property
+    def prompt_list(self) -> list[str]:
+        return self.prompts if self.prompts is not None else [self.prompt]  # type: ignore[list-item]
+
 # 400: a body that is not JSON at all; 422: JSON that breaks the schema or a rule.
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 409, 422, 429, 503)
 }
+
+
+
+def not_found(what: str) -> dict[int | str, dict[str, Any]]:
+    """The shared error responses plus a 404 for routes that name a resource in their path."""
+    return {**ERRORS, 404: {"model": ErrorResponse, "description": f"no such {what}"}}
+
 
 # Routes that take `stream: true` answer with Server-Sent Events instead of the JSON body.
 STREAMING: dict[int | str, dict[str, Any]] = {

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lda import LDAModelPair, Row, RowOutput, Side, TokenEvent
-from lda.pair import check_context, full_text, readable_prompt
+from lda.pair import check_context, readable_prompt
 
-from app.api.generation import Usage, base_seed, run_events, sampling_params
+from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
 from app.engine import Job
 from app.lda_lens.schemas import GenerateRequest, LDARequest
 
@@ -63,14 +63,7 @@ def lda_job(
         config = pair.decode_config(
             req.max_new_tokens, sampling_params(req), req.stop, req.details, side=decoder.side
         )
-
-        def forward(event: Any) -> None:
-            if isinstance(event, TokenEvent) and event.text:
-                job.emit({"event": "token", "row": event.row, "token_id": event.token_id, "text": event.text})
-            elif isinstance(event, RowOutput) and event.tail:
-                job.emit({"event": "token", "row": event.row, "token_id": None, "text": event.tail})
-
-        outputs = run_events(job, decoder.events(rows, config), len(rows), usage, forward)
+        outputs = run_events(job, decoder.events(rows, config), len(rows), usage, emit_text(job))
         if outputs is None:
             return None
         return lda_response(decoder, req, formatted, metas, outputs)
@@ -105,11 +98,7 @@ def lda_response(
                 "alpha": meta.alpha,
                 "sample_index": meta.sample_index,
                 "seed": meta.seed,
-                "completion": out.text,
-                "text": shown[meta.prompt_index] + out.text,
-                "tokens_generated": out.tokens_generated,
-                "stopped_early": out.stopped_early,
-                "finish_reason": out.finish_reason,
+                **row_body(out, shown[meta.prompt_index]),
                 "details": details,
             }
         )
@@ -156,11 +145,6 @@ def _single(
     outputs = run_events(job, events, 1, usage, lambda event: None)
     if outputs is None:
         return None
-    out = outputs[0]
-    return {
-        "model_id": side.model_id,
-        "completion": out.text,
-        "text": full_text(side.tokenizer, formatted, out),
-        "tokens_generated": out.tokens_generated,
-        "stopped_early": out.stopped_early,
-    }
+    body = row_body(outputs[0], readable_prompt(side.tokenizer, formatted))
+    del body["finish_reason"]  # not part of the seed's `/generate` response
+    return {"model_id": side.model_id, **body}

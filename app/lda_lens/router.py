@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from lda import IncompatibleTokenizersError
 
 from app.amplification_lens.jobs import adapter_decoder
-from app.api.deps import PairDep, check_limits, get_amplifier, get_settings, observe
+from app.api.deps import PairDep, SettingsDep, check_limits, get_amplifier, observe
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, STREAMING
 from app.api.streaming import run_job, stream_response
@@ -27,11 +27,11 @@ router = APIRouter()
 
 
 @router.post("/generate_lda", response_model=LDAResponse, responses=STREAMING)
-async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
+async def generate_lda(req: LDARequest, request: Request, pair: PairDep, settings: SettingsDep) -> Any:
     """Decode with `after + alpha * (after - before)` for every prompt x alpha x n row."""
     t0 = time.perf_counter()
     rows = len(req.prompt_list) * len(req.alpha_list) * req.n
-    check_limits(get_settings(request), req, rows)
+    check_limits(settings, req, rows)
     make_decoder = None
     if req.adapter is not None or req.amplification is not None:
         if req.adapter is not None and req.amplification is not None:
@@ -49,10 +49,10 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep) -> Any:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
-async def generate(req: GenerateRequest, request: Request, pair: PairDep) -> Any:
+async def generate(req: GenerateRequest, request: Request, pair: PairDep, settings: SettingsDep) -> Any:
     """Both models alone, no amplification, each with its own tokenizer and template."""
     t0 = time.perf_counter()
-    check_limits(get_settings(request), req, 1)
+    check_limits(settings, req, 1)
     usage = Usage()
     body = await run_job(request, generate_job(pair, req, usage))
     observe(request, "/generate", t0, usage)

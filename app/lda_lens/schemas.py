@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, model_validator
 
-from app.api.schemas import Prompt, SamplingFields
+from app.api.schemas import Prompt, PromptFields, SamplingFields
 
 # |alpha| beyond this overflows nothing in fp32 but is far past any useful amplification; bounding
 # it keeps `after + alpha * (after - before)` finite for any logits a model produces.
@@ -14,11 +14,7 @@ MAX_ALPHA = 1000.0
 Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ALPHA, le=MAX_ALPHA)]
 
 
-class LDARequest(SamplingFields):
-    prompt: Prompt | None = Field(None, description="the user message (seed field)")
-    prompts: list[Prompt] | None = Field(
-        None, min_length=1, description="several prompts instead of `prompt`"
-    )
+class LDARequest(PromptFields):
     alpha: Alpha = Field(1.0, description="amplification; 0 = after model, -1 = before model")
     alphas: list[Alpha] | None = Field(
         None, min_length=1, description="several alphas instead of `alpha`"
@@ -34,16 +30,10 @@ class LDARequest(SamplingFields):
     )
 
     @model_validator(mode="after")
-    def _one_of(self) -> LDARequest:
-        if (self.prompt is None) == (self.prompts is None):
-            raise ValueError("give exactly one of `prompt` or `prompts`")
+    def _one_alpha_field(self) -> LDARequest:
         if self.alphas is not None and "alpha" in self.model_fields_set:
             raise ValueError("give `alpha` or `alphas`, not both")
         return self
-
-    @property
-    def prompt_list(self) -> list[str]:
-        return self.prompts if self.prompts is not None else [self.prompt]  # type: ignore[list-item]
 
     @property
     def alpha_list(self) -> list[float]:

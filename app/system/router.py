@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import PairDep, get_metrics, get_settings
+from app.api.deps import MetricsDep, PairDep, SettingsDep
 from app.api.errors import error_response
 from app.api.schemas import ERRORS
 from app.system.info import info_body
@@ -33,16 +33,16 @@ async def ping(request: Request) -> Any:
 
 
 @router.get("/ready", responses=ERRORS)
-async def ready(request: Request, pair: PairDep) -> Any:
+async def ready(pair: PairDep) -> Any:
     """Readiness: 200 once both models are loaded, 503 before."""
     return {"status": "ready", "model_after": pair.after.model_id, "model_before": pair.before.model_id}
 
 
 @router.get("/info", responses=ERRORS)
-async def info(request: Request, pair: PairDep) -> Any:
-    return info_body(pair, get_settings(request), request.app.state.demo)
+async def info(request: Request, pair: PairDep, settings: SettingsDep) -> Any:
+    return info_body(pair, settings, request.app.state.demo)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> Response:
-    return Response(get_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
