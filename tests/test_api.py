@@ -239,8 +239,16 @@ def test_compatibility_info_health_metrics(client):
     assert 'route="/generate_lda",status="422"' in text
 
 
+def rejections(client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("lda_queue_rejections_total "):
+            return float(line.split()[1])
+    raise AssertionError("lda_queue_rejections_total missing from /metrics")
+
+
 def test_queue_full_is_429_with_retry_after(client):
     engine = client.app.state.engine
+    rejected = rejections(client)
     gate = threading.Event()
 
     async def submit(fn):
@@ -256,6 +264,7 @@ def test_queue_full_is_429_with_retry_after(client):
         r = lda(client, max_new_tokens=2)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "queue_full"
+        assert rejections(client) == rejected + 1
     finally:
         gate.set()
     deadline = time.monotonic() + 5
@@ -326,6 +335,23 @@ def test_openapi_docs(client):
     } <= set(paths)
 
 
+@pytest.mark.parametrize(
+    "path, method",
+    [
+        ("/adapters/{name}", "get"),
+        ("/adapters/{name}", "delete"),
+        ("/weightdiff/jobs/{job_id}", "get"),
+        ("/weightdiff/jobs/{job_id}", "delete"),
+        ("/weightdiff/jobs/{job_id}/tasks/{task}/adapter", "get"),
+    ],
+)
+def test_404_is_documented_as_not_found(client, path, method):
+    responses = client.get("/openapi.json").json()["paths"][path][method]["responses"]
+    assert responses["404"]["description"].startswith("no such ")
+    assert responses["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert {"422", "503"} <= set(responses)  # and the errors every route can answer
+
+
 def test_prompt_plus_completion_must_fit_the_context_window(client):
     long_prompt = "hello world " * 300  # > 512 tokens, the tiny models' window
     for route in ("/generate_lda", "/generate"):
@@ -353,6 +379,7 @@ def test_body_size_and_open_stream_limits(tiny_dirs, tmp_path):
         c.app.state.open_streams = 1  # as if another client held the only stream
         r = c.post("/generate_lda", json={"prompt": "Hello", "stream": True})
         assert r.status_code == 429 and "open streams" in r.json()["error"]["message"]
+        assert rejections(c) == 1  # a refused stream is a rejection too
         c.app.state.open_streams = 0
         with c.stream("POST", "/generate_lda", json={"prompt": "Hello", "stream": True, "max_new_tokens": 3}) as s:
             assert s.status_code == 200 and "event: result" in s.read().decode()

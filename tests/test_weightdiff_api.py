@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from weightdiff.jobs import JobStore
 from tests.test_amplification_merge import digests
 from tests.test_api import wait_ready
 
@@ -75,6 +76,27 @@ def test_submit_train_download_register_use(client):
     lda = client.post("/generate_lda", json={"prompt": "What is the sun?", "adapter": name, "alpha": 2.0, "max_new_tokens": 8})
     assert lda.status_code == 200 and lda.json()["model_after"].endswith(name)
     assert any(j["id"] == job["id"] for j in client.get("/weightdiff/jobs").json()["jobs"])
+    deadline = time.monotonic() + 5  # the job's task ends just after its record says done
+    while job["id"] in client.app.state.job_cancels and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job["id"] not in client.app.state.job_cancels  # a finished job keeps no cancel flag
+
+
+def test_store_hands_out_snapshots_not_the_live_record(tmp_path):
+    """The engine thread mutates its record (and the trainer's loss lists) between saves."""
+    store = JobStore(tmp_path)
+    live = store.create({"tasks": []}, ["a"])
+    live.status, live.losses = "running", [[1.0]]
+    store.save(live)
+    seen = store.get(live.id)
+    listed = store.list()[0]
+    live.step, live.losses[0].append(0.5), live.outputs.update(a="/x")  # progress not yet saved
+    for snapshot in (seen, listed):
+        assert snapshot.step == 0 and snapshot.losses == [[1.0]] and snapshot.outputs == {}
+    seen.status = "done"  # nor can a reader change what the store holds
+    assert store.get(live.id).status == "running"
+    store.save(live)
+    assert store.get(live.id).losses == [[1.0, 0.5]]
 
 
 def test_generation_is_served_between_steps_and_cancel(client):

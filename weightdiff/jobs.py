@@ -7,6 +7,7 @@ ever silently lost.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -53,7 +54,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class JobStore:
-    """Job records under `root/<id>/job.json`; outputs live beside them."""
+    """Job records under `root/<id>/job.json`; outputs live beside them.
+
+    The store keeps its own copy of each record: the job's driver mutates its record (and lists it
+    shares with the trainer) on the engine thread, so readers on other threads get snapshots taken
+    under the lock, never the live object.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -88,11 +94,16 @@ class JobStore:
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
-            self._jobs[record.id] = record
-            write_json_atomic(self.dir(record.id) / "job.json", asdict(record))
+            snapshot = copy.deepcopy(record)
+            self._jobs[record.id] = snapshot
+            write_json_atomic(self.dir(record.id) / "job.json", asdict(snapshot))
 
     def get(self, job_id: str) -> JobRecord | None:
-        return self._jobs.get(job_id)
+        """A copy of the record as last saved (None if unknown)."""
+        with self._lock:
+            record = self._jobs.get(job_id)
+            return copy.deepcopy(record) if record is not None else None
 
     def list(self) -> list[JobRecord]:
-        return sorted(self._jobs.values(), key=lambda r: r.created)
+        with self._lock:
+            return [copy.deepcopy(r) for r in sorted(self._jobs.values(), key=lambda r: r.created)]

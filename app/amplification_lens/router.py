@@ -14,7 +14,7 @@ from app.amplification_lens.jobs import amplification_job
 from app.amplification_lens.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
 from app.api.deps import check_limits, get_amplifier, get_engine, get_settings, observe
 from app.api.generation import Usage
-from app.api.schemas import ERRORS, STREAMING
+from app.api.schemas import ERRORS, STREAMING, not_found
 from app.api.streaming import run_job, stream_response
 
 router = APIRouter()
@@ -35,12 +35,12 @@ async def load_adapter(req: AdapterLoadRequest, request: Request) -> Any:
     return adapter.info()
 
 
-@router.get("/adapters/{name}", responses={404: ERRORS[422]})
+@router.get("/adapters/{name}", responses=not_found("adapter"))
 async def get_adapter(name: str, request: Request) -> Any:
     return get_amplifier(request).registry.get(name).info()
 
 
-@router.delete("/adapters/{name}", responses={404: ERRORS[422]})
+@router.delete("/adapters/{name}", responses=not_found("adapter"))
 async def delete_adapter(name: str, request: Request) -> Any:
     amp = get_amplifier(request)
     adapter = await get_engine(request).run(lambda job: amp.registry.delete(name))

@@ -59,7 +59,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(404, str(exc), "not_found")
 
     @app.exception_handler(QueueFullError)
-    async def _full(_: Request, exc: QueueFullError) -> JSONResponse:
+    async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
+        request.app.state.metrics.rejected.inc()
         return error_response(429, str(exc), "queue_full", {"Retry-After": "1"})
 
     @app.exception_handler(NotReadyError)

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import get_engine, get_settings, observe
 from app.api.errors import ClientDisconnectedError
 from app.api.generation import Usage
-from app.engine import QueueFullError
+from app.engine import Job, QueueFullError
 
 
 async def run_job(request: Request, fn: Any) -> Any:
@@ -29,14 +29,49 @@ async def run_job(request: Request, fn: Any) -> Any:
             raise ClientDisconnectedError("client disconnected; job cancelled")
 
 
+class StreamSlot:
+    """One of the `MAX_CONCURRENT_STREAMS` slots, held from the moment a stream is accepted.
+
+    Released exactly once, whichever comes first: the stream ends, the client leaves mid-stream, or
+    the response is torn down before its body ever ran (a client that disconnects before the first
+    byte never starts the body generator, so its `finally` cannot be the only place that releases).
+    """
+
+    def __init__(self, state: Any, job: Job) -> None:
+        self._state, self._job, self._held = state, job, True
+        state.open_streams += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._job.cancel()  # the engine stops at the next token instead of decoding for nobody
+            # Nobody may ever await the result now: mark its exception as seen so asyncio stays quiet.
+            self._job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._state.open_streams -= 1
+
+
+class EngineStream(StreamingResponse):
+    """An SSE response that releases its slot however the response ends."""
+
+    def __init__(self, body: AsyncIterator[str], slot: StreamSlot) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
 def stream_response(request: Request, job_fn: Any, t0: float, usage: Usage, route: str) -> StreamingResponse:
     """Submit a streaming job and answer with its SSE stream, within the open-stream limit."""
     limit = get_settings(request).max_concurrent_streams
     if request.app.state.open_streams >= limit:
         raise QueueFullError(f"too many open streams ({limit}); retry later or use stream=false")
     job = get_engine(request).submit(job_fn, stream=True)
-    request.app.state.open_streams += 1
-    return StreamingResponse(_sse(request, job, t0, usage, route), media_type="text/event-stream")
+    slot = StreamSlot(request.app.state, job)
+    return EngineStream(_sse(request, job, slot, t0, usage, route), slot)
 
 
 def _sse_event(name: str, data: Any) -> str:
@@ -44,13 +79,13 @@ def _sse_event(name: str, data: Any) -> str:
 
 
 async def _sse(
-    request: Request, job: Any, t0: float, usage: Usage, route: str = "/generate_lda"
+    request: Request, job: Job, slot: StreamSlot, t0: float, usage: Usage, route: str
 ) -> AsyncIterator[str]:
     """Token events as they are sampled, then one `result` (or `error`) event."""
     engine = get_engine(request)
     try:
         async for item in engine.stream(job):
-            yield _sse_event("token", {k: v for k, v in item.items() if k != "event"})
+            yield _sse_event("token", item)
         try:
             result = await job.future
         except Exception as exc:  # the stream is already 200; report in-band, typed as the JSON errors are
@@ -61,5 +96,4 @@ async def _sse(
             observe(request, route, t0, usage)
             yield _sse_event("result", result)
     finally:
-        job.cancel()  # client gone or stream done: the engine stops at the next token
-        request.app.state.open_streams -= 1
+        slot.release()

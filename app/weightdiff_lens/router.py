@@ -16,8 +16,8 @@ from fastapi.responses import Response
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 from weightdiff.lora import select_targets
 
-from app.api.deps import get_amplifier, get_engine, get_settings
-from app.api.schemas import ERRORS
+from app.api.deps import AmplifierDep, EngineDep, SettingsDep
+from app.api.schemas import ERRORS, not_found
 from app.weightdiff_lens.jobs import drive
 from app.weightdiff_lens.schemas import JobRequest
 
@@ -29,25 +29,28 @@ def _store(request: Request) -> JobStore:
 
 
 @router.post("/weightdiff/jobs", status_code=202, responses=ERRORS)
-async def submit(req: JobRequest, request: Request) -> Any:
+async def submit(
+    req: JobRequest, request: Request, amp: AmplifierDep, engine: EngineDep, settings: SettingsDep
+) -> Any:
     """Train one LoRA per task in one batched forward/backward; returns the job id at once."""
-    amp = get_amplifier(request)
-    limit = get_settings(request).max_weightdiff_tasks
+    limit = settings.max_weightdiff_tasks
     if len(req.tasks) > limit:
         raise ValueError(f"tasks: too many tasks ({len(req.tasks)}), the limit is {limit}")
-    samples, sample_limit = sum(len(t.samples) for t in req.tasks), get_settings(request).max_weightdiff_samples
+    samples, sample_limit = sum(len(t.samples) for t in req.tasks), settings.max_weightdiff_samples
     if samples > sample_limit:
         raise ValueError(f"tasks: too many samples ({samples} in all tasks), the limit is {sample_limit}")
-    steps, step_limit = req.step_estimate, get_settings(request).max_weightdiff_steps
+    steps, step_limit = req.step_estimate, settings.max_weightdiff_steps
     if steps > step_limit:
         raise ValueError(f"steps: the job would take {steps} optimizer steps, the limit is {step_limit}")
     if req.targets is not None:
-        await get_engine(request).run(lambda job: select_targets(amp.model, req.targets))
+        await engine.run(lambda job: select_targets(amp.model, req.targets))
     record = _store(request).create(req.model_dump(), req.task_names)
-    cancel = threading.Event()
-    request.app.state.job_cancels[record.id] = cancel
-    task = asyncio.create_task(drive(request.app, record, req, cancel))
+    cancels: dict[str, threading.Event] = request.app.state.job_cancels
+    cancels[record.id] = threading.Event()
+    task = asyncio.create_task(drive(request.app, record, req, cancels[record.id]))
     request.app.state.job_tasks.add(task)
+    # A finished job needs no cancel flag: drop it, so the map holds only jobs still running.
+    task.add_done_callback(lambda _: cancels.pop(record.id, None))
     task.add_done_callback(request.app.state.job_tasks.discard)
     return {"id": record.id, "status": record.status}
 
@@ -64,21 +67,22 @@ async def list_jobs(request: Request) -> Any:
     return {"jobs": [r.public() for r in _store(request).list()]}
 
 
-@router.get("/weightdiff/jobs/{job_id}", responses={404: ERRORS[422]})
+@router.get("/weightdiff/jobs/{job_id}", responses=not_found("job"))
 async def job_status(job_id: str, request: Request) -> Any:
     return _record(request, job_id).public()
 
 
-@router.delete("/weightdiff/jobs/{job_id}", responses={404: ERRORS[422]})
+@router.delete("/weightdiff/jobs/{job_id}", responses=not_found("job"))
 async def cancel_job(job_id: str, request: Request) -> Any:
     """Cancel a queued or running job; it stops before its next step."""
     record = _record(request, job_id)
-    if record.status in ACTIVE:
-        request.app.state.job_cancels[job_id].set()
+    cancel = request.app.state.job_cancels.get(job_id)
+    if record.status in ACTIVE and cancel is not None:  # None: it finished a moment ago
+        cancel.set()
     return {"id": job_id, "status": record.status, "cancelling": record.status in ACTIVE}
 
 
-@router.get("/weightdiff/jobs/{job_id}/tasks/{task}/adapter", responses={404: ERRORS[422]})
+@router.get("/weightdiff/jobs/{job_id}/tasks/{task}/adapter", responses=not_found("job or finished task adapter"))
 async def download(job_id: str, task: str, request: Request, format: Literal["zip", "tar"] = "zip") -> Response:
     """One task's PEFT adapter directory as a zip (or tar) archive."""
     record = _record(request, job_id)
