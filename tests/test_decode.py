@@ -74,7 +74,14 @@ def test_logit_diff_is_exact_at_the_endpoints():
     a, b = torch.randn(3, 50), torch.randn(3, 50)
     assert torch.equal(logit_diff(a, b, torch.zeros(3)), a)
     assert torch.equal(logit_diff(a, b, -torch.ones(3)), b)
-    torch.testing.assert_close(logit_diff(a, b, torch.full((3,), 2.0)), a + 2.0 * (a - b))
+    got, want = logit_diff(a, b, torch.full((3,), 2.0)).double(), (a + 2.0 * (a - b)).double()
+    # logit_diff is fp32 by design, and `3 * a - 2 * b` rounds 3 * a and the difference where
+    # `a + 2 * (a - b)` rounds a - b and the sum (doubling is exact), so with u = 2**-24 the two
+    # differ by at most u * (3|a| + 2|a - b| + 2|3a - 2b|) per element (1.001: second-order terms),
+    # ~1e-6 for these values; a wrong formula or sign is off by O(|a - b|) ~ 1.
+    a, b = a.double(), b.double()
+    bound = 2**-24 * (3 * a.abs() + 2 * (a - b).abs() + 2 * (3 * a - 2 * b).abs()) * 1.001
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
 
 
 def test_identical_models_give_the_same_output_for_every_alpha(after_model, tokenizer):

@@ -28,12 +28,16 @@ def test_top_k_matches_hf(top_k):
 
 def test_probs_follow_hf_order():
     torch.manual_seed(2)
-    logits = torch.randn(1, 64) * 2
+    # float64: the claim is the order of the steps (temperature, top-k, top-p, softmax), not fp32
+    # rounding. Any float64 evaluation of these steps agrees to ~(2 max|logit / T| + k) * 2**-53
+    # ~ 5e-15 on probabilities <= 1, while a step in another order changes which tokens survive
+    # (scaling by T after the cut-offs moves a probability by 0.12), hence atol 1e-12.
+    logits = (torch.randn(1, 64) * 2).double()
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
     hf = TopPLogitsWarper(0.8)(
         None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, logits.clone()))
     )
-    torch.testing.assert_close(logits_to_probs(logits, params), hf.softmax(-1))
+    torch.testing.assert_close(logits_to_probs(logits, params), hf.softmax(-1), rtol=0.0, atol=1e-12)
 
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():

@@ -45,6 +45,12 @@ def model(tokenizer):
     return tiny_llama(tokenizer, seed=11)
 
 
+@pytest.fixture(scope="module")
+def model64(tokenizer):
+    """The same base in float64, for the tests that claim the training METHOD is exact."""
+    return tiny_llama(tokenizer, seed=11).to(torch.float64)
+
+
 def digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -53,9 +59,24 @@ def digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# Tasks together == each alone, and a step split into micro-batches (accumulation, token budget)
+# == the whole step, are claims about the method, so those tests train `model64` and compare
+# float64 factors. In fp32 the two runs round differently (other matmul shapes and summation
+# orders, and MKL/oneDNN pick different kernels on different CPUs), and Adam amplifies it: the
+# update lr * m / sqrt(v) normalises each element by its own gradient, so an element whose
+# gradient nearly cancels (|g| ~1e-3 of the sum of its terms' magnitudes) turns a relative
+# rounding error of a few 2**-24 into ~1e-4 of lr. That is the 1.5e-6 (lr 1e-2) seen on an AMD
+# EPYC; no fp32 atol bounds it for every element. In float64 (eps 2**-53, 2**29 times smaller)
+# the same runs agree to ~2e-15 (measured), so 1e-10 leaves a 1e4 margin for other CPUs' kernels.
+# A real bug is 1e6 times larger: normalising by each micro-batch's own token count moves factors
+# by 4e-2, dividing by the mixed batch's token count (coupling the tasks) by 5e-4 to 7e-3.
+EXACT = {"rtol": 0.0, "atol": 1e-10}
+
+
 def assert_factors_close(a, b, **tol):
     assert a.keys() == b.keys()
     for name in a:
+        assert a[name].down.dtype == b[name].down.dtype == torch.float64
         torch.testing.assert_close(a[name].down, b[name].down, **tol)
         torch.testing.assert_close(a[name].up, b[name].up, **tol)
 
@@ -116,22 +137,25 @@ def test_initial_output_is_base_and_init_follows_dit(tokenizer, model):
 
 def test_task_major_rows_use_their_task_factors():
     torch.manual_seed(0)
-    layer = MultiTaskLoRALinear(nn.Linear(6, 5), num_tasks=2, r=3, lora_alpha=6.0)
+    # float64: the fused baddbmm and the reference sum 6 + 3 products in other orders, a rounding
+    # of ~10 * 2**-53 ~ 1e-15 on outputs up to ~10 (measured: 0); a row using the other task's
+    # factors is off by ~10 and a wrong scaling by O(1), so atol 1e-12 only admits rounding.
+    layer = MultiTaskLoRALinear(nn.Linear(6, 5).to(torch.float64), num_tasks=2, r=3, lora_alpha=6.0)
     with torch.no_grad():
         layer.down.normal_()
-    x = torch.randn(4, 7, 6)  # 2 tasks x 2 rows
+    x = torch.randn(4, 7, 6, dtype=torch.float64)  # 2 tasks x 2 rows
     out = layer(x)
     for row in range(4):
         t = row // 2
         expected = layer.base(x[row]) + x[row] @ layer.down[t] @ layer.up[t] * 2.0
-        torch.testing.assert_close(out[row], expected)
+        torch.testing.assert_close(out[row], expected, rtol=0.0, atol=1e-12)
     with pytest.raises(ValueError, match="num_tasks"):
-        layer(torch.randn(3, 7, 6))
+        layer(torch.randn(3, 7, 6, dtype=torch.float64))
     layer.bypass = True
     assert torch.equal(layer(x[:3]), layer.base(x[:3]))
 
 
-def test_tasks_together_equal_each_alone(tokenizer, model):
+def test_tasks_together_equal_each_alone(tokenizer, model64):
     """The key property, with unequal sample counts, lengths and a chat sample."""
     tasks = [
         Task([TEXTS[0], CHAT, TEXTS[2]], seed=3),
@@ -139,12 +163,13 @@ def test_tasks_together_equal_each_alone(tokenizer, model):
         Task([TEXTS[3], TEXTS[4]], seed=5),
     ]
     config = TrainConfig(r=2, lr=1e-2, epochs=2)
-    together = train(model, tokenizer, tasks, config)
+    together = train(model64, tokenizer, tasks, config)
     assert together.steps_done == 6 and [len(h) for h in together.losses] == [6, 2, 4]
     for t, task in enumerate(tasks):
-        alone = train(model, tokenizer, [task], config)
-        assert_factors_close(together.factors[t], alone.factors[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(together.losses[t], alone.losses[0], rtol=1e-5, atol=1e-6)
+        alone = train(model64, tokenizer, [task], config)
+        assert_factors_close(together.factors[t], alone.factors[0], **EXACT)
+        # Mean losses ~6, summed in float64: ~1e-15 apart; coupled tasks move them by 2e-7 to 1e-2.
+        torch.testing.assert_close(together.losses[t], alone.losses[0], rtol=0.0, atol=1e-10)
 
 
 def test_base_untouched_and_bypass_generates_as_base(tokenizer, model):
@@ -218,29 +243,29 @@ def test_task_without_samples_in_a_step_does_not_move(tokenizer, model):
     assert not all(torch.equal(f.down, after_last[0][n].down) for n, f in after_first[0].items())
 
 
-def test_grad_accum_applies_last_partial_group(tokenizer, model):
+def test_grad_accum_applies_last_partial_group(tokenizer, model64):
     task = [Task(TEXTS, seed=2)]
-    accum = train(model, tokenizer, task, TrainConfig(r=2, lr=1e-2, grad_accum=2, shuffle=False))
+    accum = train(model64, tokenizer, task, TrainConfig(r=2, lr=1e-2, grad_accum=2, shuffle=False))
     assert accum.steps_done == 3 and len(accum.losses[0]) == 3
-    batched = train(model, tokenizer, task, TrainConfig(r=2, lr=1e-2, batch_size=2, shuffle=False))
-    assert_factors_close(accum.factors[0], batched.factors[0], rtol=1e-5, atol=1e-6)
+    batched = train(model64, tokenizer, task, TrainConfig(r=2, lr=1e-2, batch_size=2, shuffle=False))
+    assert_factors_close(accum.factors[0], batched.factors[0], **EXACT)
     first_four = train(
-        model, tokenizer, [Task(TEXTS[:4], seed=2)], TrainConfig(r=2, lr=1e-2, grad_accum=2, shuffle=False)
+        model64, tokenizer, [Task(TEXTS[:4], seed=2)], TrainConfig(r=2, lr=1e-2, grad_accum=2, shuffle=False)
     )
     assert any(not torch.equal(f.down, accum.factors[0][n].down) for n, f in first_four.factors[0].items())
 
 
-def test_token_budget_splits_without_changing_result(tokenizer, model):
+def test_token_budget_splits_without_changing_result(tokenizer, model64):
     tasks = [Task(TEXTS[:4], seed=0), Task([CHAT, TEXTS[4]], seed=1)]
-    whole = train(model, tokenizer, tasks, TrainConfig(r=2, lr=1e-2, batch_size=4, steps=2))
+    whole = train(model64, tokenizer, tasks, TrainConfig(r=2, lr=1e-2, batch_size=4, steps=2))
     split = train(
-        model,
+        model64,
         tokenizer,
         tasks,
         TrainConfig(r=2, lr=1e-2, batch_size=4, steps=2, max_tokens_per_micro_batch=40),
     )
     for a, b in zip(whole.factors, split.factors):
-        assert_factors_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_factors_close(a, b, **EXACT)
 
 
 def test_micro_batches_respect_budget():

@@ -11,7 +11,7 @@ Job file (YAML or JSON):
     tasks:
       - {name: story, samples: ["plain text", ...], seed: 3}
       - {name: chat, samples: [[{role: user, content: ...}, {role: assistant, content: ...}]]}
-    dtype: float32                    # or bfloat16 / float16
+    dtype: float32                    # or bfloat16 / float16 (float64: reference runs)
     export_dit: false                 # also write <task>/dit.safetensors
     # any TrainConfig field: r, lora_alpha, lr, betas, eps, epochs, steps, batch_size,
     # grad_accum, max_tokens_per_micro_batch, shuffle, seed, targets
@@ -40,7 +40,12 @@ from weightdiff.train import StepReport, TrainConfig, TrainResult, train
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 JOB_FIELDS = {"model", "output_dir", "tasks", "dtype", "export_dit"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,  # exact-method checks without fp32 rounding (tests/test_weightdiff_cli.py)
+}
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -133,9 +133,10 @@ def task_schedule(num_samples: int, config: TrainConfig, seed: int) -> list[list
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Summed next-token cross-entropy of each task's rows `[T]` (rows task-major)."""
-    losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
-    )  # [N, S-1], zero where ignored
+    # At least fp32 (bf16/fp16 logits are upcast), never lower: a float64 model keeps a float64 loss.
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    # [N, S-1], zero where ignored
+    losses = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
     return losses.sum(1).view(num_tasks, -1).sum(1)
 
 
@@ -200,7 +201,7 @@ class Trainer:
             for enc, sched in zip(self.encoded, self.schedule)
         ]
         counts = torch.tensor([sum(e.num_targets for e in s) for s in step_samples], dtype=torch.float32)
-        totals = torch.zeros(len(step_samples))
+        totals = torch.zeros(len(step_samples), dtype=torch.float64)  # reported mean losses
         # Eval mode: dropout would draw from one shared RNG and couple the tasks.
         self.model.eval()
         with bypassed(self.model, False), torch.enable_grad():
