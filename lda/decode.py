@@ -93,46 +93,96 @@ class RowOutput:
         return self.finish_reason != "length"
 
 
+# Prompt tokens decoded ahead of a completion (as vLLM does), so that its first token gets the
+# spacing it has after the prompt: SentencePiece decoders drop the leading space of a decode's
+# first token only.
+PROMPT_CONTEXT = 5
+# A UTF-8 character has at most 4 bytes, so of this many new ids whose text still ends in U+FFFD
+# at most 3 can be waiting for the rest of a character; the others are invalid bytes. Emit them
+# then: waiting longer would make every push decode a longer window.
+MAX_PENDING = 8
+
+
 class TextTracker:
     """Incremental detokenization with stop strings.
 
-    Text that might still become a stop string, or that ends in half a UTF-8 character, is
-    held back from streaming until the next token decides it.
+    Like vLLM's `detokenize_incrementally`, each push decodes only a short window of ids: the
+    window's already-read ids (which give the new ones their spacing) and the new ids. What the
+    new ids add is appended to `text` and never re-decoded, so the streamed pieces and the final
+    text are the same string by construction, for every tokenizer. New ids that end in half a
+    UTF-8 character stay in the window until the character is complete; text that might still
+    become a stop string is held back from streaming until the next token decides it.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        # A stop string completed by new text starts at most this many characters before it.
+        self.lookback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
+        self.stopped = False
+        self._window = list(prompt_ids[-PROMPT_CONTEXT:])
+        self._read = len(self._window)  # _window[:_read] is already text (or prompt)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly safe text, whether a stop string was hit)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = text[:cut]
-            return self.flush(), True
-        self.text = text
-        safe = len(text) - self._held_back(text)
-        delta = text[self.emitted : safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return delta, False
+        self._window.append(token_id)
+        new = self._new_text()
+        pending = len(self._window) - self._read
+        if not new or (new.endswith("\ufffd") and pending < MAX_PENDING):
+            return "", False  # nothing yet, or half a character: wait for the next token
+        self._advance()
+        return self._append(new)
 
-    def flush(self) -> str:
+    def finish(self) -> str:
+        """End of the row: return all text not streamed yet, a trailing half character as U+FFFD."""
+        delta = "" if self.stopped else self._append(self._new_text())[0]
+        return delta + self._flush()
+
+    def _flush(self) -> str:
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 
-    def _held_back(self, text: str) -> int:
-        if text.endswith("\ufffd"):
-            return len(text) - self.emitted
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of tokenization spaces: it rewrites text across token boundaries
+        # (" ," -> ","), so pieces decoded apart would not add up to the text decoded whole.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self) -> str:
+        """The text the window's unread ids add after its read ones."""
+        read = self._decode(self._window[: self._read])
+        whole = self._decode(self._window)
+        return whole[len(read) :] if len(whole) > len(read) else ""
+
+    def _advance(self) -> None:
+        """The unread ids become the read context of the next window; older ids are dropped."""
+        del self._window[: self._read]
+        self._read = len(self._window)
+
+    def _append(self, new: str) -> tuple[str, bool]:
+        """Add decoded text; look for stop strings only where `new` can complete one."""
+        start = max(len(self.text) - self.lookback, 0)
+        self.text += new
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._flush(), True
+        safe = len(self.text) - self._held_back()
+        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def _held_back(self) -> int:
+        """Length of the longest stop-string prefix the text ends with."""
         longest = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:k]):
                     longest = k
                     break
         return longest
@@ -170,7 +220,7 @@ class _RowState:
     logprobs: list[TokenLogprobs] | None = field(default=None)
 
     def output(self, reason: str) -> RowOutput:
-        tail = self.tracker.flush()
+        tail = self.tracker.finish()
         return RowOutput(
             row=self.row,
             token_ids=list(self.tracker.ids),
@@ -206,7 +256,7 @@ def decode(
     ids, mask, positions = left_pad([r.prompt_ids for r in rows], config.pad_id, device)
     generators = [_generator(r.seed, device) for r in rows]
     alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
-    states = [_RowState(i, TextTracker(tokenizer, config.stop)) for i in range(len(rows))]
+    states = [_RowState(i, TextTracker(tokenizer, config.stop, r.prompt_ids)) for i, r in enumerate(rows)]
     for s in states:
         s.logprobs = [] if config.details else None
     active = list(range(len(rows)))  # batch position -> row index
