@@ -6,10 +6,20 @@
 #
 # BASE_IMAGE: any Debian/Ubuntu image whose apt has python3 >= 3.11 (the CUDA runtime by default;
 #   the local test build uses a debootstrapped Debian, see deploy/build_image.sh).
-# TORCH_INDEX_URL: empty takes PyPI's torch, the CUDA 13 build on x86_64 (its CUDA libraries come
-#   as pip packages; the host driver must support CUDA 13, i.e. >= 580); a PyTorch index for an
-#   older CUDA suits older drivers, the CPU index gives a small CPU-only image. UV_EXTRA_ARGS: passed to both `uv pip install` steps (e.g. --find-links for local
-#   wheels, --system-certs behind a TLS-intercepting proxy).
+# TORCH_INDEX_URL: empty takes PyPI's torch, the CUDA 13.0 build on x86_64 (its CUDA libraries come
+#   as pip packages; the host driver must be >= 580); a PyTorch index for an older CUDA suits older
+#   drivers, the CPU index gives a small CPU-only image. The index is searched together with PyPI
+#   (uv's unsafe-best-match): it also mirrors common packages at older versions than the lock's.
+# The two published variants (.github/workflows/docker.yml), built from this file by arguments only:
+#   :latest  defaults: CUDA 13.0 base and PyPI's torch; driver >= 580; Turing (sm_75) to Blackwell
+#   :cu126   torch 2.13's CUDA 12 build; driver >= 525 (Maxwell to Hopper, no Blackwell):
+#     docker build -t model-diff:cu126 --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+#   The nvidia/cuda bases set NVIDIA_REQUIRE_CUDA, which the NVIDIA container runtime checks before
+#   starting the container; it admits some older driver branches (535, 550) that torch cannot use
+#   with CUDA 13, so the server checks again at start (app/gpu_probe.py) and refuses with the reason.
+# UV_EXTRA_ARGS: passed to both `uv pip install` steps (e.g. --find-links for local wheels,
+#   --system-certs behind a TLS-intercepting proxy).
 ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -44,8 +54,10 @@ WORKDIR /srv
 # reinstall torch, and the uv cache mount keeps wheels across rebuilds.
 COPY requirements.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --python /opt/venv/bin/python ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        ${UV_EXTRA_ARGS} -r requirements.lock
+    uv pip install --python /opt/venv/bin/python \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL" --index-strategy unsafe-best-match} \
+        ${UV_EXTRA_ARGS} -r requirements.lock \
+    && python -c 'import torch; print("installed torch", torch.__version__, "for CUDA", torch.version.cuda)'
 
 COPY pyproject.toml README.md start.sh ./
 COPY deploy/vast/onstart.sh ./vast-onstart.sh
@@ -61,6 +73,8 @@ EXPOSE 8000 22
 VOLUME ["/workspace"]
 # Loading a 7B pair from a cold volume takes minutes; the start period keeps the container from
 # being marked unhealthy meanwhile (/health answers during loading; /ready only once loaded).
+# Exec form (hadolint DL3025): no shell, so the probe reads PORT from the container's environment
+# itself, the same variable the shell form saw.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8000\")}/health', timeout=4)"
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; port = os.environ.get('PORT', '8000'); urllib.request.urlopen('http://127.0.0.1:' + port + '/health', timeout=4)"]
 ENTRYPOINT ["/srv/start.sh"]

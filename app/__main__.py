@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from app.gpu_probe import EXIT_CODE, GpuUnusable, check
 from app.settings import Settings, describe_error
 
 
@@ -21,6 +22,13 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Before anything loads: a GPU torch cannot use must stop the container with the reason, not
+    # quietly put a 7B pair on the CPU.
+    try:
+        check(settings.device)
+    except GpuUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CODE)
     from app.main import create_app
 
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was there before it;

@@ -8,6 +8,7 @@ from lda import LDAModelPair, LoadConfig, load_model, load_tokenizer
 from lda.pair import Side
 
 from app.demo import DemoPaths, ensure_demo_pair
+from app.gpu_probe import check
 from app.settings import DEMO, Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ def load_config(settings: Settings) -> LoadConfig:
 
 def load_pair(settings: Settings) -> tuple[LDAModelPair, DemoPaths | None]:
     """Load both models; `demo` on either side means that side of the embedded demo pair."""
+    # Every way the app starts loads here (python -m app, Ray replicas, an ASGI factory): a GPU
+    # torch cannot use fails the load with the reason (/health: 503 load_failed) instead of
+    # putting the pair on the CPU; otherwise one line says where the pair goes.
+    where = check(settings.device)
+    if where:
+        log.info("device: %s", where)
     after_id, before_id = settings.model_after_id, settings.model_before_id
     paths, demo = {}, None
     if DEMO in (after_id, before_id):

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.gpu_probe import check
 from app.settings import Settings
 
 # Scaling options: a `serve run` argument wins over the environment variable.
@@ -169,6 +170,9 @@ def build_app(args: Mapping[str, str] | None = None) -> Application:
     if unknown:
         raise ValueError(f"unknown arguments {unknown}: use settings fields or {sorted(SCALING_ENV)}")
     settings = Settings(**args)
+    # Here, not only in each replica: with a GPU torch cannot use, the replicas would be given no
+    # GPU (Ray then hides them) and load on the CPU.
+    check(settings.device)
     # Replicas may start in another working directory: pin DATA_DIR (a shared path on a cluster,
     # so the demo pair is built once, under its file lock) before it travels to them.
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})

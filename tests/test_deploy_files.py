@@ -40,3 +40,42 @@ def test_the_vast_onstart_script_is_in_the_image_where_the_readme_says():
     text = (ROOT / "Dockerfile").read_text()
     assert "COPY deploy/vast/onstart.sh ./vast-onstart.sh" in text and "WORKDIR /srv" in text
     assert "bash /srv/vast-onstart.sh" in (ROOT / "README.md").read_text()
+
+
+def test_the_workflow_publishes_both_cuda_variants_the_probe_and_templates_name():
+    """CUDA 13 as latest, CUDA 12 (torch 2.13's cu126) under its own tags and cache, by build args only."""
+    import yaml
+
+    from app.gpu_probe import CUDA12_TAG, CUDA12_VERSION, MIN_DRIVER
+
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "docker.yml").read_text())["jobs"]["image"]
+    variants = {v["variant"]: v for v in job["strategy"]["matrix"]["include"]}
+    assert len(variants) == 2 and job["strategy"]["fail-fast"] is False
+    default, cuda12 = variants["cu130"], variants[CUDA12_TAG]
+    assert (default["moving-tag"], default["suffix"], default["build-args"]) == ("latest", "", "")
+    assert (cuda12["moving-tag"], cuda12["suffix"]) == (CUDA12_TAG, f"-{CUDA12_TAG}")
+    assert cuda12["auto-latest"] == "false"  # a version tag must not move :latest to the CUDA 12 image
+    args = dict(line.split("=", 1) for line in cuda12["build-args"].split())
+    assert set(args) == {"BASE_IMAGE", "TORCH_INDEX_URL"}
+    # The base image's CUDA matches the torch build the index serves (12.6.x <-> cu126).
+    assert args["BASE_IMAGE"].startswith(f"nvidia/cuda:{CUDA12_VERSION}.")
+    assert args["TORCH_INDEX_URL"].rstrip("/").endswith(f"/{CUDA12_TAG}")
+
+    steps = {s.get("uses", "").split("@")[0]: s.get("with", {}) for s in job["steps"]}
+    build, meta = steps["docker/build-push-action"], steps["docker/metadata-action"]
+    assert build["build-args"] == "${{ matrix.build-args }}"
+    assert "scope=${{ matrix.variant }}" in build["cache-from"]
+    assert "scope=${{ matrix.variant }}" in build["cache-to"]
+    assert "suffix=${{ matrix.suffix }}" in meta["tags"] and "latest=${{ matrix.auto-latest }}" in meta["flavor"]
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:13\.0\.", dockerfile, re.M)  # the default: CUDA 13.0
+    for name, value in args.items():  # the Dockerfile's own example builds the same variant
+        assert f"--build-arg {name}={value}" in dockerfile
+    readme = (ROOT / "README.md").read_text()
+    for name, value in args.items():
+        assert f"--build-arg {name}={value}" in readme
+    for name in ("template.json", "serverless.json"):
+        text = json.loads((ROOT / "deploy" / "runpod" / name).read_text())["readme"]
+        assert ":latest" in text and f":{CUDA12_TAG}" in text
+        assert f">= {MIN_DRIVER[13]}" in text and f">= {MIN_DRIVER[12]}" in text
