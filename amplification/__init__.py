@@ -11,11 +11,14 @@ from amplification.config import (
     LayerAmplification,
     LayerRange,
     ModuleAmplification,
+    field_path,
     load_preset,
     preset_names,
 )
 from amplification.organisms import OrganismRegistry, adapter_reference, custom_reference, is_custom
+from amplification.paths import OutsideRoots, confined
 from amplification.resolve import (
+    adapter_groups,
     decoder_layers,
     entry_weights,
     module_kinds,
@@ -36,10 +39,14 @@ __all__ = [
     "LayerRange",
     "ModuleAmplification",
     "OrganismRegistry",
+    "OutsideRoots",
+    "adapter_groups",
     "adapter_reference",
+    "confined",
     "custom_reference",
     "decoder_layers",
     "entry_weights",
+    "field_path",
     "is_custom",
     "load_preset",
     "module_kinds",

@@ -154,30 +154,39 @@ class LayerRange:
 LayerSpec = int | float | tuple[int | float, ...] | Literal["all"] | LayerRange
 
 
-def check_layer_value(value: Any, is_relative: bool) -> None:
-    """Reject a single layer position that is invalid whatever the model (path relative to it)."""
+def check_layer_value(value: Any, is_relative: bool) -> int | float:
+    """A single layer position checked for what is invalid whatever the model (path relative to it).
+
+    Absolute positions come back as ints: the toolkit's dashboard saves whole numbers as floats
+    (`end: 11.0`), which name the same layer. Fractional and negative ones are refused (the toolkit
+    silently truncates or wraps them).
+    """
     if not _is_number(value):
         raise ConfigError("", f"expected a layer number, got {_type_name(value)} {value!r}")
     if is_relative:
         if not 0 <= value <= 1:
             raise ConfigError("", f"relative layer position {value!r} is outside [0, 1]")
-    elif not isinstance(value, int):
-        raise ConfigError(
-            "", f"absolute layer must be an integer, got {value!r} (set is_relative for fractions)"
-        )
-    elif value < 0:
+        return value
+    if isinstance(value, float):
+        if not value.is_integer():  # also nan and inf
+            raise ConfigError(
+                "", f"absolute layer must be an integer, got {value!r} (set is_relative for fractions)"
+            )
+        value = int(value)
+    if value < 0:
         raise ConfigError("", f"absolute layer must be >= 0, got {value}")
+    return value
 
 
 def _check_layers(layers: Any, is_relative: bool) -> LayerSpec:
     if isinstance(layers, LayerRange):
         with field_path("start"):
-            check_layer_value(layers.start, is_relative)
+            start = check_layer_value(layers.start, is_relative)
         with field_path("end"):
-            check_layer_value(layers.end, is_relative)
-        if layers.end < layers.start:
+            end = check_layer_value(layers.end, is_relative)
+        if end < start:
             raise ConfigError("end", f"end ({layers.end}) < start ({layers.start})")
-        return layers
+        return LayerRange(start, end)
     if isinstance(layers, str):
         if layers != "all":
             raise ConfigError("", f"expected 'all', an int, a list or a range, got string {layers!r}")
@@ -185,12 +194,12 @@ def _check_layers(layers: Any, is_relative: bool) -> LayerSpec:
     if isinstance(layers, (list, tuple)):
         if not layers:
             raise ConfigError("", "empty list selects no layer")
+        values = []
         for i, value in enumerate(layers):
             with field_path(f"[{i}]"):
-                check_layer_value(value, is_relative)
-        return tuple(layers)
-    check_layer_value(layers, is_relative)
-    return layers
+                values.append(check_layer_value(value, is_relative))
+        return tuple(values)
+    return check_layer_value(layers, is_relative)
 
 
 @dataclass(frozen=True)

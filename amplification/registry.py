@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from amplification.paths import OutsideRoots, confined
 from amplification.resolve import module_kinds
 
 CONFIG_NAME = "adapter_config.json"
@@ -307,18 +308,15 @@ class AdapterRegistry:
         candidates = [path] if path.is_absolute() else [*(root / path for root in self.allowed_roots), path]
         for candidate in candidates:
             try:
-                real = candidate.resolve(strict=True)
+                real = self._confined(candidate, source)
             except FileNotFoundError:
                 continue
-            except (OSError, RuntimeError) as e:  # symlink loops, permissions
-                raise AdapterError(f"cannot resolve adapter path {source!r}: {e}") from e
-            self._check_confined(real, source)
             if not real.is_dir():
                 raise AdapterError(f"adapter path {source!r} is not a directory")
             # The files themselves may be symlinks out of the root even when the directory is not.
             for file in (real / CONFIG_NAME, real / WEIGHTS_NAME):
                 if file.exists():
-                    self._check_confined(file.resolve(), source)
+                    self._confined(file, source)
             return real
         if HUB_ID_PATTERN.fullmatch(source) and ".." not in source:
             return self._download(source)
@@ -327,12 +325,19 @@ class AdapterRegistry:
             f"{[str(r) for r in self.allowed_roots]}"
         )
 
-    def _check_confined(self, real: Path, source: str) -> None:
-        if not any(real.is_relative_to(root) for root in self.allowed_roots):
+    def _confined(self, path: Path, source: str) -> Path:
+        """`path`'s real path inside the allowed roots; FileNotFoundError when nothing is there."""
+        try:
+            return confined(path, self.allowed_roots)
+        except FileNotFoundError:
+            raise
+        except OutsideRoots as e:
             raise AdapterError(
-                f"adapter path {source!r} (real path {str(real)!r}) is outside the allowed adapter roots "
-                f"{[str(r) for r in self.allowed_roots]}"
-            )
+                f"adapter path {source!r} (real path {str(e.real)!r}) is outside the allowed adapter roots "
+                f"{e.roots}"
+            ) from None
+        except (OSError, RuntimeError) as e:  # symlink loops, permissions
+            raise AdapterError(f"cannot resolve adapter path {source!r}: {e}") from e
 
     def _download(self, repo_id: str) -> Path:
         if not self.hub_enabled:

@@ -5,12 +5,14 @@ The rules are the diffing toolkit's:
   `round` (halves to even: 0.5 of 30 layers is 14, of 32 layers 16);
 - every entry starts each of its layers from `{attention: 1.0, mlp: 1.0}` and applies its module
   settings in order (the last wins, `all` sets both); a later entry replaces an earlier one on the
-  layers they share; layers no entry covers keep 1.0.
+  layers they share; layers no entry covers keep 1.0;
+- entries of the config's `adapters` list that name the same adapter are one adapter: their layer
+  amplifications are merged into one table (in config order), so it is applied once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from torch import nn
 
@@ -31,7 +33,7 @@ MODULE_GROUPS: tuple[str, ...] = ("attention", "mlp")
 
 def _index(value: float, is_relative: bool, num_layers: int) -> int:
     """One layer position as an absolute index; the path of any error is relative to the value."""
-    check_layer_value(value, is_relative)
+    value = check_layer_value(value, is_relative)
     if is_relative:
         return round(value * (num_layers - 1))
     if value >= num_layers:
@@ -82,9 +84,19 @@ def entry_weights(entry: LayerAmplification) -> dict[str, float]:
     return weights
 
 
-def resolve_adapter(adapter: AmplifiedAdapter, num_layers: int) -> LayerWeights:
-    """`{layer: {"attention": w, "mlp": w}}` for every layer 0..N-1 of one adapter."""
-    table = {layer: {kind: 1.0 for kind in MODULE_GROUPS} for layer in range(num_layers)}
+def _ones(num_layers: int) -> LayerWeights:
+    return {layer: {kind: 1.0 for kind in MODULE_GROUPS} for layer in range(num_layers)}
+
+
+def resolve_adapter(
+    adapter: AmplifiedAdapter, num_layers: int, start: LayerWeights | None = None
+) -> LayerWeights:
+    """`{layer: {"attention": w, "mlp": w}}` for every layer 0..N-1 of one adapter.
+
+    `start` is the table earlier entries of the same adapter left (not modified); by default every
+    layer is at 1.0.
+    """
+    table = {layer: dict(weights) for layer, weights in (start or _ones(num_layers)).items()}
     for i, entry in enumerate(adapter.layer_amplifications):
         with field_path(f"layer_amplifications[{i}]"):
             layers = resolve_layers(entry.layers, entry.is_relative, num_layers)
@@ -94,16 +106,39 @@ def resolve_adapter(adapter: AmplifiedAdapter, num_layers: int) -> LayerWeights:
     return table
 
 
-def resolve_config(config: AmplificationConfig, num_layers: int) -> list[LayerWeights]:
-    """One table per adapter entry, in config order (their scaled deltas add up when applied).
+def adapter_groups(config: AmplificationConfig, keys: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """Indices of the config's adapter entries, grouped by adapter, in first-seen order.
 
-    The toolkit instead merges entries that resolve to the same adapter id into one list of layer
-    amplifications (later overriding earlier); that needs the adapter ids, so it is the caller's.
+    `keys[i]` says which adapter entry i resolves to (the server passes the adapter reference: the
+    `custom` variant or the organism's adapter id); by default it is `(organism_name, variant)`.
+    """
+    if keys is None:
+        keys = [(a.organism_name, a.variant) for a in config.adapters]
+    if len(keys) != len(config.adapters):
+        raise ValueError(f"{len(keys)} keys for {len(config.adapters)} adapters")
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def resolve_config(
+    config: AmplificationConfig, num_layers: int, keys: Sequence[Hashable] | None = None
+) -> list[LayerWeights]:
+    """One table per distinct adapter (see `adapter_groups`), in first-seen order.
+
+    Like the toolkit, the entries of one adapter are merged into one table: their layer
+    amplifications apply in config order, a later entry overriding an earlier one on the layers they
+    share, so the adapter is applied once. Tables of different adapters are separate (their scaled
+    deltas add up when applied). Error paths name the entry as written (`adapters[2]...`).
     """
     tables = []
-    for i, adapter in enumerate(config.adapters):
-        with field_path(f"adapters[{i}]"):
-            tables.append(resolve_adapter(adapter, num_layers))
+    for group in adapter_groups(config, keys):
+        table = _ones(num_layers)
+        for i in group:
+            with field_path(f"adapters[{i}]"):
+                table = resolve_adapter(config.adapters[i], num_layers, table)
+        tables.append(table)
     return tables
 
 

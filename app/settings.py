@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_config_bytes: int = Field(
         256 * 1024, ge=1024, description="largest amplification config (inline or file), in bytes"
     )
+    max_compiled_configs: int = Field(
+        256, ge=1, description="compiled amplification configs kept in memory (least recently used dropped)"
+    )
+    max_reference_adapters: int = Field(
+        8, ge=1, description="adapters configs name by path or hub id (ref_*), least recently used unloaded"
+    )
     queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
 
     @field_validator("model_after_id", "model_before_id")

@@ -9,9 +9,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from tests.test_amplification_merge import digests, make_adapter
 from tests.test_api import make_settings, parse_sse, wait_ready
+
+from app.main import create_app
 
 
 def config(weight=2.0, adapter="tiny", layers="all", modules="all", name="amp", **entry):
@@ -342,3 +343,200 @@ def test_overflowing_amplification_is_422_and_weights_restored(client):
     assert base_digests(client) == before
     r = client.post("/generate_lda", json={"prompt": "Hello", "alpha": 1001, "max_new_tokens": 2})
     assert r.status_code == 422 and "alpha" in r.json()["error"]["message"], r.text
+
+
+# --- one table per adapter, toolkit number spellings ----------------------------------------------
+
+
+def two_entries(adapter="tiny", name="twice"):
+    """`adapter` in two entries: layer 0 at 2 everywhere, layer 1 with mlp at 3."""
+    first, second = (
+        config(adapter=adapter, layers=0),
+        config(adapter=adapter, layers=1, modules="mlp", weight=3),
+    )
+    return {"name": name, "adapters": first["adapters"] + second["adapters"]}
+
+
+def test_same_adapter_in_several_entries_is_applied_once(setup):
+    """The toolkit merges the entries of one adapter into one table; the compiled yaml shows that table."""
+    client, data, _ = setup
+    r = client.post("/amplification/compile", json={"config": two_entries()})
+    assert r.status_code == 200, r.text
+    (adapter,) = r.json()["adapters"]
+    expected = [{"attention": 2.0, "mlp": 2.0}, {"attention": 1.0, "mlp": 3.0}]
+    assert adapter["adapter"] == "tiny" and adapter["layers"] == expected and adapter["entries"] == [0, 1]
+    r = client.post("/v1/compile_and_load_amplification", json={"config": two_entries()})
+    assert r.status_code == 200, r.text
+    from pathlib import Path
+
+    import yaml
+
+    written = yaml.safe_load((Path(r.json()["lora_path"]) / "amplification_config.yaml").read_text())
+    assert written["resolved_config"] == {"tiny": expected}
+    assert len(written["adapters"]) == 2  # the config as given: its hash is the lora_name's
+    # Applied once: the same completions as one entry listing both layer settings.
+    one = config(layers=0, name="once")
+    one["adapters"][0]["layer_amplifications"].append(
+        {"layers": 1, "module_amplifications": [{"modules": "mlp", "weight": 3}]}
+    )
+    body = {"prompt": "Hello world", "configs": [two_entries(), one], "temperature": 0, "max_new_tokens": 8}
+    cols = client.post("/amplification/generate", json=body).json()["columns"]
+    assert cols[0]["results"][0]["completion"] == cols[1]["results"][0]["completion"]
+    amp = client.app.state.amplifier
+    plan = amp.plan(amp.lookup(r.json()["lora_name"]))
+    assert plan and all(len(terms) == 1 for terms in plan.values())
+
+
+def test_entries_are_grouped_by_the_adapter_they_resolve_to(setup):
+    """The same path twice is one adapter (one `ref_` registration, one table); two adapters add up."""
+    client, data, _ = setup
+    path = str(data / "adapters" / "other")
+    body = two_entries(adapter=path)
+    r = client.post("/amplification/compile", json={"config": body})
+    assert r.status_code == 200 and len(r.json()["adapters"]) == 1, r.text
+    # Two different adapters still add up: one table each.
+    body["adapters"][1]["variant"] = "tiny"
+    assert len(client.post("/amplification/compile", json={"config": body}).json()["adapters"]) == 2
+
+
+@pytest.mark.parametrize(
+    "layers, status",
+    [
+        ({"type": "range", "start": 0.0, "end": 1.0}, 200),
+        ([0.0, 1.0], 200),
+        (1.0, 200),
+        ({"type": "range", "start": 0.0, "end": 1.5}, 422),
+        ({"type": "range", "start": -1.0, "end": 1.0}, 422),
+        ({"type": "range", "start": 1.0, "end": 0.0}, 422),
+        (-1.0, 422),
+    ],
+)
+def test_absolute_whole_number_floats_are_layers(client, layers, status):
+    r = client.post("/amplification/compile", json={"config": config(layers=layers)})
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["adapters"][0]["layers"][1]["mlp"] == 2.0
+
+
+# --- state that outlives requests -----------------------------------------------------------------
+
+
+def test_deleting_an_adapter_drops_what_uses_it(setup):
+    import gc
+    import weakref
+    from pathlib import Path
+
+    client, data, _ = setup
+    r = client.post("/adapters", json={"name": "doomed", "source": str(data / "adapters" / "other")})
+    assert r.status_code == 201, r.text
+    written = client.post(
+        "/v1/compile_and_load_amplification", json={"config": config(adapter="doomed", name="w")}
+    )
+    cached = client.post(
+        "/amplification/compile", json={"config": config(adapter="doomed", name="c", weight=3)}
+    )
+    assert written.status_code == 200 and cached.status_code == 200
+    names = [written.json()["lora_name"], cached.json()["lora_name"]]
+    gen = {"prompt": "Hello", "max_new_tokens": 2, "temperature": 0}
+    assert client.post("/amplification/generate", json={**gen, "configs": names}).status_code == 200
+    alive = weakref.ref(client.app.state.amplifier.registry.get("doomed"))
+
+    assert client.delete("/adapters/doomed").json() == {"deleted": "doomed"}
+    for name in names:
+        r = client.post("/amplification/generate", json={**gen, "configs": [name]})
+        assert r.status_code == 422 and f"{name!r} is neither" in r.json()["error"]["message"], r.text
+        r = client.post("/generate_lda", json={**gen, "amplification": name})
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("amplification: "), r.text
+    assert not Path(written.json()["lora_path"]).exists()
+    r = client.post("/amplification/compile", json={"config": config(adapter="doomed")})
+    assert r.status_code == 422 and "adapters[0].variant" in r.json()["error"]["message"]
+    gc.collect()
+    assert alive() is None  # its tensors are freed
+
+
+def test_cache_limits_are_in_info(client):
+    limits = client.get("/info").json()["limits"]
+    assert limits["max_compiled_configs"] == 256 and limits["max_reference_adapters"] == 8
+
+
+def amplifier(pair, tiny_dirs, tmp_path, tokenizer, **limits):
+    from tests.test_api import make_settings
+
+    from app.amplification_lens.amplifier import Amplifier
+
+    make_adapter(tokenizer, tmp_path / "adapters" / "tiny", seed=3)
+    make_adapter(tokenizer, tmp_path / "adapters" / "other", seed=4)
+    amp = Amplifier(pair, make_settings(tiny_dirs, tmp_path, **limits))
+    amp.load_adapter("tiny", str(tmp_path / "adapters" / "tiny"))
+    return amp
+
+
+def test_a_thousand_inline_configs_keep_the_caches_bounded(pair, tiny_dirs, tmp_path, tokenizer):
+    """Every inline config is compiled and cached, and a config naming an adapter by path registers a
+    `ref_` adapter: both are LRU caches (MAX_COMPILED_CONFIGS, MAX_REFERENCE_ADAPTERS)."""
+    import gc
+    import tracemalloc
+
+    from amplification import LoadedAdapter
+
+    amp = amplifier(pair, tiny_dirs, tmp_path, tokenizer, max_compiled_configs=32, max_reference_adapters=4)
+    folder = str(tmp_path / "adapters")
+
+    def body(i):  # all distinct; every 10th names the adapter by a new path spelling (a new ref_ adapter)
+        ref = "tiny" if i % 10 else folder + "/." * (i // 10 + 1) + "/tiny"
+        return config(weight=1 + i / 1000, adapter=ref, name=f"c{i}")
+
+    def heap():  # Python heap in use, less safetensors' own ~0.5 KB per load_file call (its leak, not ours)
+        gc.collect()
+        traces = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, "*/safetensors/*")])
+        return sum(stat.size for stat in traces.statistics("filename"))
+
+    tracemalloc.start()
+    for i in range(1000):
+        amp.lookup(body(i))
+        if i == 299:
+            mid = heap()
+    end = heap()
+    tracemalloc.stop()
+    gc.collect()
+    refs = [a for a in amp.registry.list() if a.name.startswith("ref_")]
+    alive = sum(isinstance(o, LoadedAdapter) and o.source.startswith(folder) for o in gc.get_objects())
+    print(
+        f"\ncompiled={len(amp.compiled)} registry={len(amp.registry.list())} ref_adapters={len(refs)} "
+        f"adapters_alive={alive} heap_growth_300_to_1000={end - mid} "
+        f"adapter_bytes={sum(a.nbytes for a in amp.registry.list())}"
+    )
+    assert len(amp.compiled) == 32 and len(refs) == 4 and len(amp.registry.list()) == 5
+    assert alive == 5  # evicted adapters are freed, not just unregistered
+    assert end - mid < 50_000  # 700 more configs, 70 more adapters loaded: flat once the caches are full
+    assert all(a in amp.registry.list() for c in amp.compiled.values() for a in c.adapters)
+
+
+def test_evicted_lora_names_recompile_from_their_folder(pair, tiny_dirs, tmp_path, tokenizer):
+    amp = amplifier(pair, tiny_dirs, tmp_path, tokenizer, max_compiled_configs=2)
+    written = amp.compile(amp.config_from_dict(config(weight=3, name="kept")))
+    amp.write_compiled(written)
+    cached = amp.compile(amp.config_from_dict(config(weight=4, name="lost")))
+    for w in (5, 6):
+        amp.compile(amp.config_from_dict(config(weight=w)))
+    assert written.lora_name not in amp.compiled and cached.lora_name not in amp.compiled
+    again = amp.lookup(written.lora_name)  # the toolkit's name still works: recompiled from the yaml
+    assert again.lora_name == written.lora_name and again.tables == written.tables
+    with pytest.raises(ValueError, match="MAX_COMPILED_CONFIGS") as e:
+        amp.lookup(cached.lora_name)
+    assert e.value.path == ""
+    for bad in ("../adapters/tiny", "..", "/etc"):
+        with pytest.raises(ValueError, match="neither a compiled lora_name"):
+            amp.lookup(bad)
+    # Replacing an adapter drops the compiled configs that used the old one; the name follows the new one.
+    amp.load_adapter("tiny", str(tmp_path / "adapters" / "other"), replace=True)
+    assert amp.lookup(written.lora_name).adapters == (amp.registry.get("tiny"),)
+
+
+def test_too_many_adapters_by_path_in_one_config_is_422(pair, tiny_dirs, tmp_path, tokenizer):
+    amp = amplifier(pair, tiny_dirs, tmp_path, tokenizer, max_reference_adapters=1)
+    body = two_entries(adapter=str(tmp_path / "adapters" / "tiny"))
+    assert len(amp.lookup(body).adapters) == 1  # one adapter, twice: fits
+    body["adapters"][1]["variant"] = str(tmp_path / "adapters" / "other")
+    with pytest.raises(ValueError, match=r"^adapters: .*MAX_REFERENCE_ADAPTERS"):
+        amp.lookup(body)

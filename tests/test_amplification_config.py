@@ -151,6 +151,71 @@ def test_two_adapters_resolve_separately():
     assert cfg.adapters[1].variant == "default"  # the toolkit's default
 
 
+def test_same_adapter_in_several_entries_merges_into_one_table():
+    """The toolkit merges entries of one adapter into one table (later entries win where they overlap),
+    so the adapter is applied once: layer 0 at 2/2, layers 1-10 at 1/1, layer 11 attention 1 / mlp 3."""
+    demo = "custom", "demo"
+    cfg = config(
+        adapters=[
+            {"organism_name": demo[0], "variant": demo[1], "layer_amplifications": [entry(0, ("all", 2.0))]},
+            {
+                "organism_name": "custom",
+                "variant": "other",
+                "layer_amplifications": [entry("all", ("all", 5))],
+            },
+            {"organism_name": demo[0], "variant": demo[1], "layer_amplifications": [entry(11, ("mlp", 3.0))]},
+        ]
+    )
+    merged, other = resolve_config(cfg, 12)
+    assert merged[0] == {"attention": 2.0, "mlp": 2.0}
+    assert all(merged[layer] == {"attention": 1.0, "mlp": 1.0} for layer in range(1, 11))
+    assert merged[11] == {"attention": 1.0, "mlp": 3.0}
+    assert weights(other, "mlp") == [5.0] * 12  # another adapter still adds its own table
+    # Overlapping entries: the later one wins on the layers they share, as within one adapter.
+    overlap = config(
+        adapters=[
+            {"organism_name": "custom", "variant": "a", "layer_amplifications": [entry("all", ("all", 2))]},
+            {"organism_name": "custom", "variant": "a", "layer_amplifications": [entry([1], ("mlp", 0))]},
+        ]
+    )
+    (t,) = resolve_config(overlap, 3)
+    assert t == {
+        0: {"attention": 2.0, "mlp": 2.0},
+        1: {"attention": 1.0, "mlp": 0.0},
+        2: {"attention": 2.0, "mlp": 2.0},
+    }
+    # Callers that know what each entry resolves to group by that (the server: the adapter reference).
+    assert len(resolve_config(overlap, 3, keys=["x", "y"])) == 2
+    (t,) = resolve_config(cfg, 12, keys=["r", "r", "r"])
+    assert t[0] == {"attention": 5.0, "mlp": 5.0} and t[11] == {"attention": 1.0, "mlp": 3.0}
+    # Errors still name the entry as written.
+    bad = config(
+        adapters=[
+            {"organism_name": "custom", "variant": "a", "layer_amplifications": [entry(0, ("all", 2))]},
+            {"organism_name": "custom", "variant": "a", "layer_amplifications": [entry(40, ("all", 2))]},
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"^adapters\[1\]\.layer_amplifications\[0\]\.layers: layer 40"):
+        resolve_config(bad, 12)
+
+
+def test_absolute_layers_accept_whole_number_floats():
+    """The toolkit's dashboard saves absolute ranges as `{start: 0.0, end: 11.0}`."""
+    rng = config(entry({"type": "range", "start": 0.0, "end": 11.0}, ("all", 2)))
+    assert rng.adapters[0].layer_amplifications[0].layers == LayerRange(0, 11)
+    assert isinstance(rng.adapters[0].layer_amplifications[0].layers.end, int)
+    assert weights(table(rng, 12), "mlp") == [2.0] * 12
+    assert resolve_layers(LayerRange(2.0, 4.0), False, 8) == [2, 3, 4]
+    assert resolve_layers(3.0, False, 8) == [3] and resolve_layers([5.0, 1], False, 8) == [1, 5]
+    assert config(entry([1.0, 2.0], ("all", 2))).adapters[0].layer_amplifications[0].layers == (1, 2)
+    assert (
+        rng.content_hash()
+        == config(entry({"type": "range", "start": 0, "end": 11}, ("all", 2))).content_hash()
+    )
+    with pytest.raises(ConfigError, match="out of range"):
+        resolve_layers(LayerRange(0.0, 12.0), False, 12)
+
+
 def test_resolve_adapter_direct():
     adapter = AmplifiedAdapter(
         "custom", "x", (LayerAmplification(LayerRange(1, 2), False, (ModuleAmplification("all", 4),)),)
@@ -239,12 +304,15 @@ BAD = [
     (with_(f"{L0}.layers", True), f"{LA}.layers"),
     (with_(f"{L0}.layers", -1), f"{LA}.layers"),
     (with_(f"{L0}.layers", 1.5), f"{LA}.layers"),
-    (with_(f"{L0}.layers", 2.0), f"{LA}.layers"),
+    (with_(f"{L0}.layers", -1.0), f"{LA}.layers"),
+    (with_(f"{L0}.layers", [0, 2.5]), f"{LA}.layers[1]"),
     (with_(f"{L0}.layers", []), f"{LA}.layers"),
     (with_(f"{L0}.layers", [0, "1"]), f"{LA}.layers[1]"),
     (with_(f"{L0}.layers", [0, False]), f"{LA}.layers[1]"),
     (with_(f"{L0}.layers.end", 0), f"{LA}.layers.end"),
     (with_(f"{L0}.layers.start", 0.5), f"{LA}.layers.start"),
+    (with_(f"{L0}.layers.start", -1.0), f"{LA}.layers.start"),
+    (with_(f"{L0}.layers", {"type": "range", "start": 3.0, "end": 2.0}), f"{LA}.layers.end"),
     (with_(f"{L0}.layers.type", "span"), f"{LA}.layers.type"),
     (with_(f"{L0}.layers.type", ...), f"{LA}.layers.type"),
     (with_(f"{L0}.layers.step", 2), f"{LA}.layers.step"),

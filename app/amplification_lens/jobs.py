@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from amplification import ConfigError, merged
+from amplification import field_path, merged
 from amplification.adapter_mode import AdapterSource
 from lda import LDAModelPair, Row, decode
 from lda.pair import Side, check_context, readable_prompt
@@ -29,13 +29,8 @@ def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
 
     def make() -> Decoder:
         reference = req.amplification if req.amplification is not None else req.adapter
-        try:
+        with field_path("amplification" if req.amplification is not None else "adapter"):
             compiled = amp.lookup(reference)  # type: ignore[arg-type]
-        except ConfigError as exc:
-            field = "amplification" if req.amplification is not None else "adapter"
-            raise ConfigError(
-                f"{field}.{exc.path}" if isinstance(reference, dict) else field, exc.reason
-            ) from None
         source = AdapterSource(amp.model, amp.plan(compiled))
         side = text_side(amp.pair)
         base = amp.pair.before.model_id
@@ -54,11 +49,8 @@ def columns_for(amp: Amplifier, req: AmplificationGenerateRequest) -> list[tuple
     """(name, kind, compiled) per column: base, plain adapters, then each config, in that order."""
     configs = []
     for i, ref in enumerate(req.configs):
-        try:
+        with field_path(f"configs[{i}]"):
             configs.append(amp.lookup(ref))
-        except ConfigError as exc:
-            path = f"configs[{i}].{exc.path}" if isinstance(ref, dict) else f"configs[{i}]"
-            raise ConfigError(path, exc.reason) from None
     columns: list[tuple[str, str, Compiled | None]] = []
     if req.include_base:
         columns.append(("base", "base", None))

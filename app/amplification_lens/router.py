@@ -43,7 +43,7 @@ async def get_adapter(name: str, request: Request) -> Any:
 @router.delete("/adapters/{name}", responses=not_found("adapter"))
 async def delete_adapter(name: str, request: Request) -> Any:
     amp = get_amplifier(request)
-    adapter = await get_engine(request).run(lambda job: amp.registry.delete(name))
+    adapter = await get_engine(request).run(lambda job: amp.delete_adapter(name))
     return {"deleted": adapter.name}
 
 
