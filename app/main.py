@@ -21,6 +21,7 @@ from app.engine import Engine
 from app.lda_lens.router import router as lda_router
 from app.loader import load_pair
 from app.settings import Settings, get_settings
+from app.system.info import model_summaries
 from app.system.router import router as system_router
 from app.weightdiff_lens.jobs import interrupt_active
 from app.weightdiff_lens.router import router as weightdiff_router
@@ -33,17 +34,18 @@ Loader = Callable[[Settings], Any]
 async def _load(app: FastAPI, loader: Loader) -> None:
     """Load on the engine thread so the event loop keeps answering /health and /ready."""
 
-    def load(job: Any) -> tuple[Any, Any, Amplifier]:
+    def load(job: Any) -> tuple[Any, Any, Amplifier, dict[str, Any]]:
         pair, demo = loader(app.state.settings)
-        return pair, demo, setup_amplifier(pair, demo, app.state.settings)
+        return pair, demo, setup_amplifier(pair, demo, app.state.settings), model_summaries(pair)
 
     try:
-        pair, demo, amplifier = await app.state.engine.run(load)
+        pair, demo, amplifier, summaries = await app.state.engine.run(load)
     except Exception as exc:
         log.exception("model loading failed")
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         return
     app.state.demo = demo
+    app.state.model_summaries = summaries
     app.state.amplifier = amplifier
     app.state.pair = pair
     log.info("ready: after=%s before=%s", pair.after.model_id, pair.before.model_id)

@@ -17,7 +17,7 @@ from app.gpu_probe import GpuUnusable, check
 from app.loader import load_pair
 from app.settings import Settings
 from app.system import info
-from app.system.info import info_body
+from app.system.info import info_body, model_summaries
 
 ROOT = Path(__file__).resolve().parents[1]
 A100 = ("550.54.15", "NVIDIA A100-SXM4-80GB")
@@ -234,14 +234,14 @@ def test_python_m_app_with_device_cuda_and_no_gpu_fails_at_once(tmp_path):
 
 
 def test_info_reports_cuda_only_when_the_models_are_on_a_gpu(pair, monkeypatch):
-    assert info_body(pair, Settings(), None)["cuda"] == {"runtime": None, "driver": None, "gpus": None}
+    assert info_body(pair, model_summaries(pair), Settings(), None)["cuda"] == {"runtime": None, "driver": None, "gpus": None}
 
     monkeypatch.setattr(info, "input_device", lambda model: torch.device("cuda", 0))
     monkeypatch.setattr(torch.version, "cuda", "12.6")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA A100 #{i}")
     monkeypatch.setattr(gpu_probe, "host_driver", lambda: "550.54.15")
-    body = info_body(pair, Settings(), None)
+    body = info_body(pair, model_summaries(pair), Settings(), None)
     assert body["cuda"] == {
         "runtime": "12.6",
         "driver": "550.54.15",

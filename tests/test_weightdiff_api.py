@@ -166,3 +166,33 @@ def test_restart_marks_running_jobs_interrupted(data_dir):
         assert jobs["crashed00000"]["status"] == "interrupted" and jobs["crashed00000"]["step"] == 7
         assert jobs[done]["status"] == "done"
         assert c.get(f"/weightdiff/jobs/{done}/tasks/task0/adapter").status_code == 200
+
+
+def test_info_does_not_walk_the_model_while_training_rewires_it(client):
+    """`/info` answers from the summary taken at load, even mid-step with the wrappers attached."""
+    import threading
+
+    from weightdiff import Task, TrainConfig, Trainer
+
+    expected = client.get("/info").json()["model_before"]["parameters"]
+    amp, engine = client.app.state.amplifier, client.app.state.engine
+    attached, release = threading.Event(), threading.Event()
+
+    def mid_step(job):
+        trainer = Trainer(amp.model, amp.pair.before.tokenizer, [Task(samples=TEXTS)], TrainConfig(r=4, steps=1))
+        try:
+            attached.set()
+            release.wait(10)  # as if a training step were running on the engine thread
+        finally:
+            trainer.close()
+
+    async def submit():
+        return engine.submit(mid_step)
+
+    job = client.portal.call(submit)
+    try:
+        assert attached.wait(30)
+        assert client.get("/info").json()["model_before"]["parameters"] == expected
+    finally:
+        release.set()
+    client.portal.call(lambda: job.future)

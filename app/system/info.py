@@ -6,9 +6,12 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import torch
+
 from lda import LDAModelPair
 from lda.source import input_device
 
+from app import gpu_probe
 from app.settings import Settings
 
 
@@ -33,10 +36,31 @@ def _model(side: Any) -> dict[str, Any]:
     }
 
 
-def info_body(pair: LDAModelPair, settings: Settings, demo: Any) -> dict[str, Any]:
+def _cuda(pair: LDAModelPair) -> dict[str, Any]:
+    """The CUDA runtime torch was built with, the host driver and the GPU names; null on the CPU."""
+    if not any(input_device(side.model).type == "cuda" for side in (pair.after, pair.before)):
+        return {"runtime": None, "driver": None, "gpus": None}
     return {
-        "model_after": _model(pair.after),
-        "model_before": _model(pair.before),
+        "runtime": torch.version.cuda,
+        "driver": gpu_probe.host_driver(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def model_summaries(pair: LDAModelPair) -> dict[str, dict[str, Any]]:
+    """What `/info` says of each model, taken once on the engine thread right after loading.
+
+    Counting parameters walks the module tree, which weight-diff training rewires (wrappers in,
+    wrappers out) on the engine thread; `/info` runs on the event loop, so it must not walk it.
+    """
+    return {"model_after": _model(pair.after), "model_before": _model(pair.before)}
+
+
+def info_body(
+    pair: LDAModelPair, models: dict[str, dict[str, Any]], settings: Settings, demo: Any
+) -> dict[str, Any]:
+    return {
+        **models,
         "compatible": pair.compatibility.compatible,
         "demo": None if demo is None else {"marker": demo.marker, "path": str(demo.root)},
         "limits": {
@@ -47,10 +71,13 @@ def info_body(pair: LDAModelPair, settings: Settings, demo: Any) -> dict[str, An
             "max_body_bytes": settings.max_body_bytes,
             "max_concurrent_streams": settings.max_concurrent_streams,
             "max_config_bytes": settings.max_config_bytes,
+            "max_compiled_configs": settings.max_compiled_configs,
+            "max_reference_adapters": settings.max_reference_adapters,
             "max_weightdiff_tasks": settings.max_weightdiff_tasks,
             "max_weightdiff_samples": settings.max_weightdiff_samples,
             "max_weightdiff_steps": settings.max_weightdiff_steps,
         },
+        "cuda": _cuda(pair),
         "versions": {
             "service": _version("model-diff-service"),
             "python": platform.python_version(),

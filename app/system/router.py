@@ -40,7 +40,7 @@ async def ready(pair: PairDep) -> Any:
 
 @router.get("/info", responses=ERRORS)
 async def info(request: Request, pair: PairDep, settings: SettingsDep) -> Any:
-    return info_body(pair, settings, request.app.state.demo)
+    return info_body(pair, request.app.state.model_summaries, settings, request.app.state.demo)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
