@@ -24,9 +24,18 @@ def tiny_tokenizer(vocab_size: int = 320) -> Any:
 
 
 def tiny_llama(
-    tokenizer: Any, seed: int, vocab_size: int | None = None, **overrides: Any
+    tokenizer: Any,
+    seed: int,
+    vocab_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
 ) -> LlamaForCausalLM:
-    """A 2-layer, 32-wide random Llama; `vocab_size` larger than the tokenizer pads the embeddings."""
+    """A 2-layer, 32-wide random Llama; `vocab_size` larger than the tokenizer pads the embeddings.
+
+    `device` / `dtype` build it there directly (a ~1B model initialises in seconds on a GPU, in bf16
+    never holding an fp32 copy); left unset, the model is the CPU fp32 one the tests always used.
+    """
     torch.manual_seed(seed)
     cfg = dict(
         vocab_size=vocab_size or len(tokenizer),
@@ -42,7 +51,13 @@ def tiny_llama(
         tie_word_embeddings=False,
     )
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device or "cpu"):
+            model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    finally:
+        torch.set_default_dtype(previous)
     # Random init gives near-uniform logits; sharpen them so greedy paths are unambiguous.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)

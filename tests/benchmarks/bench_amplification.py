@@ -1,10 +1,11 @@
 """Amplified LoRA merges and adapter-mode LDA against their baselines, on a ~29M-parameter Llama (CPU ok).
 
     OMP_WAIT_POLICY=PASSIVE python -m tests.benchmarks.bench_amplification [--repeats 5] [--tokens 32]
-        [--rows 8] [--threads N]
+        [--rows 8] [--threads N] [--size tiny|bench|1b] [--device cpu|cuda] [--dtype auto|bf16] [--no-rss]
 
 The `bench_lda` model and a random rank-16 PEFT LoRA (alpha 32) on q, k, v, o, gate, up and down,
-both saved with `save_pretrained`; weight 2.0 on every layer and module kind. Prints JSON. Times are
+both saved with `save_pretrained`; weight 2.0 on every layer and module kind (`--size`, `--device`,
+`--dtype` as in `bench_lda`; on CUDA the reload goes straight to the device). Prints JSON. Times are
 best of `--repeats`, the runs of one comparison interleaved so a neighbour's load hits both alike.
 On a shared 2-core VM OpenMP's spin-waiting can make 2-thread runs 10x slower and erratic: use
 OMP_WAIT_POLICY=PASSIVE or `--threads 1`.
@@ -31,7 +32,8 @@ OMP_WAIT_POLICY=PASSIVE or `--threads 1`.
   saved copies + largest delta, some runs ~26 MB more (glibc heap fragmentation; steady with
   MALLOC_MMAP_THRESHOLD_=65536). `_file_mapped`: the same on a `from_pretrained` model, whose
   first write also copies every touched file-mapped page. Not `getrusage().ru_maxrss`: it cannot
-  be reset, and a child's starts at its parent's peak (exec keeps it).
+  be reset, and a child's starts at its parent's peak (exec keeps it). Not measured on CUDA (host
+  RSS says nothing about device memory) or with `--no-rss`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -64,11 +65,17 @@ from amplification.config import AmplifiedAdapter
 from amplification.merge import Plan, apply, plan_deltas
 from amplification.registry import AdapterRegistry
 from amplification.resolve import num_layers, resolve_adapter
-from app.demo import build_tokenizer
 from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.decode import LogitsSource
 from lda.source import ModelSource
-from tests.benchmarks.bench_lda import bench_model, corpus
+from tests.benchmarks.bench_lda import (
+    add_model_args,
+    bench_model,
+    bench_tokenizer,
+    hardware,
+    model_placement,
+    sync,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHT = 2.0
@@ -93,11 +100,11 @@ def best_of_each(repeats: int, fns: dict[str, Callable[[], object]]) -> dict[str
 
 
 def digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name and raw bytes."""
+    """SHA-256 over every parameter's name and raw bytes (copied to the host first)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -148,6 +155,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    add_model_args(ap)
     ap.add_argument("--rss-probe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--rss-mapped", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -160,14 +169,18 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
-    tokenizer = build_tokenizer(corpus(), vocab_size=8192)
-    base = bench_model(tokenizer, 1)
+    device, dtype = model_placement(args)
+    started = time.perf_counter()
+    tokenizer = bench_tokenizer(args.size)
+    base = bench_model(tokenizer, 1, args.size, device, dtype)
     base.save_pretrained(root / "base")
     torch.manual_seed(5)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), lora).save_pretrained(str(root / "lora"))
     plan, adapter_bytes = load_plan(root, base)
-    rss_growth = {mapped: measure_rss_growth(root, mapped) for mapped in (False, True)}
+    setup_s = time.perf_counter() - started
+    rss = not args.no_rss and device.type == "cpu"
+    rss_growth = {mapped: measure_rss_growth(root, mapped) if rss else None for mapped in (False, True)}
 
     peft = PeftModel.from_pretrained(copy.deepcopy(base), str(root / "lora")).eval()
     lora_layers = {n: m for n, m in peft.get_base_model().named_modules() if isinstance(m, LoraLayer)}
@@ -192,16 +205,26 @@ def run(args: argparse.Namespace, root: Path) -> None:
     def peft_cycle() -> None:
         peft.merge_adapter()
         peft.unmerge_adapter()
+        sync(device)
+
+    def ours_cycle() -> None:
+        apply(base, plan).restore()
+        sync(device)
 
     def reload() -> nn.Module:
-        return AutoModelForCausalLM.from_pretrained(root / "base")
+        if device.type == "cpu":
+            return AutoModelForCausalLM.from_pretrained(root / "base")
+        model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=dtype, device_map=str(device))
+        sync(device)
+        return model
 
     def reload_read() -> None:
         for p in reload().parameters():
             p.sum()
+        sync(device)
 
     reload_read()  # warm-up: the file is in the page cache from here on
-    cycles = {"ours": lambda: apply(base, plan).restore(), "peft": peft_cycle, "reload": reload}
+    cycles = {"ours": ours_cycle, "peft": peft_cycle, "reload": reload}
     times = best_of_each(args.repeats, cycles | {"reload_read": reload_read})
     assert digest(base) == original, "restore is not bit-exact after repeated cycles"
     peft_drift = max((w - peft_original[n]).abs().max().item() for n, w in peft_weights.items())
@@ -239,11 +262,12 @@ def run(args: argparse.Namespace, root: Path) -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     result = {
         "benchmark": "amplification",
+        "size": args.size,
         "parameters": sum(p.numel() for p in base.parameters()),
         "new_tokens": n,
         "prompt_tokens": len(prompt),
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        **hardware(device, dtype),
+        "setup_s": round(setup_s, 2),
         "apply_restore_ms": round(times["ours"] * 1e3, 2),
         "peft_merge_unmerge_ms": round(times["peft"] * 1e3, 2),
         "reload_ms": round(times["reload"] * 1e3, 2),

@@ -1,21 +1,29 @@
 """LDA decoding speed against plain `generate`, on a ~30M-parameter Llama-shaped pair (CPU ok).
 
     python -m tests.benchmarks.bench_lda [--tokens 64] [--rows 8] [--repeats 3]
+        [--size tiny|bench|1b] [--device auto|cpu|cuda] [--dtype auto|fp32|bf16]
 
 Prints JSON. Ratios compare runs made in this same process:
 - lda_b1_over_generate_b1: LDA tokens/s at 1 row over the after model's own greedy `generate`
   tokens/s (two forward passes per token, so 0.5 is the ceiling);
-- lda_rows_over_lda_b1: LDA tokens/s at `--rows` rows over LDA at 1 row.
+- lda_b{R}_over_generate_b{R}: the same at R rows (`generate` of the prompt repeated R times), for
+  every R given to `--rows` (e.g. `--rows 1 8 64`);
+- lda_rows_over_lda_b1: LDA tokens/s at the largest `--rows` over LDA at 1 row.
+`--size`: `bench` (default) the ~29M model; `tiny` a 2-layer, 64-wide one (a smoke test);
+`1b` a ~0.95B one (16 layers, width 2048, MLP 5632, vocab 32000) for a GPU, built on the device.
+`--dtype auto` is bf16 on CUDA and fp32 on CPU. The other benchmarks take the same options.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import random
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,7 +31,39 @@ import torch  # noqa: E402
 
 from app.demo import build_tokenizer  # noqa: E402
 from lda import DecodeConfig, LDAModelPair, Row, SamplingParams, Side, collect  # noqa: E402
-from tests.tiny import tiny_llama  # noqa: E402
+from lda.loading import resolve_device, resolve_dtype  # noqa: E402
+from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    ),
+    # ~29M parameters: 6 layers x 3.4M + 2 x 8192 x 512 embeddings.
+    "bench": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+    ),
+    # ~0.95B parameters: 16 layers x 51M + 2 x 32000 x 2048 embeddings (ids past the tokenizer's
+    # 8192 are padding rows, as in checkpoints with padded embeddings).
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        vocab_size=32000,
+    ),
+}
 
 
 def corpus(n_words: int = 60000, seed: int = 0) -> list[str]:
@@ -36,18 +76,49 @@ def corpus(n_words: int = 60000, seed: int = 0) -> list[str]:
     return [" ".join(words[i : i + 20]) for i in range(0, n_words, 20)]
 
 
-def bench_model(tokenizer, seed: int):
-    # ~29M parameters: 6 layers x 3.4M + 2 x 8192 x 512 embeddings.
-    return tiny_llama(
-        tokenizer,
-        seed,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-    )
+def bench_tokenizer(size: str = "bench") -> Any:
+    """The tests' tiny BPE for `tiny` (instant); an ~8k BPE over `corpus()` otherwise."""
+    return tiny_tokenizer() if size == "tiny" else build_tokenizer(corpus(), vocab_size=8192)
+
+
+def bench_model(
+    tokenizer: Any,
+    seed: int,
+    size: str = "bench",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Any:
+    return tiny_llama(tokenizer, seed, device=device, dtype=dtype, **SIZES[size])
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--size", choices=sorted(SIZES), default="bench")
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+
+
+def model_placement(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hardware(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def best_of(repeats: int, fn) -> float:
@@ -62,54 +133,63 @@ def best_of(repeats: int, fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8], help="row counts (1 is always measured)")
     ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap)
     args = ap.parse_args()
+    device, dtype = model_placement(args)
 
-    tokenizer = build_tokenizer(corpus(), vocab_size=8192)
-    after, before = bench_model(tokenizer, 1), bench_model(tokenizer, 2)
+    started = time.perf_counter()
+    tokenizer = bench_tokenizer(args.size)
+    after = bench_model(tokenizer, 1, args.size, device, dtype)
+    before = bench_model(tokenizer, 2, args.size, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - started
     pair = LDAModelPair(Side("after", after, tokenizer), Side("before", before, tokenizer))
     _, prompt = pair.prompt_ids("What should I do if I feel bored on a rainy afternoon?")
     config = DecodeConfig(args.tokens, SamplingParams(0.0), frozenset(), pad_id=pair.after.pad_id)
     n = args.tokens
 
-    def generate_b1() -> None:
+    def generate(rows: int) -> None:
         with torch.no_grad():
             out = after.generate(
-                torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                torch.tensor([prompt] * rows, device=device),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
             )
-        assert out.shape[1] == len(prompt) + n
+        sync(device)
+        assert out.shape == (rows, len(prompt) + n)
 
     def lda(rows: int) -> None:
         outs = collect(pair.lda_events([Row(prompt, 1.0 + i) for i in range(rows)], config), rows)
         assert all(o.tokens_generated == n for o in outs)
 
-    generate_b1()
-    lda(1)  # warm-up
-    t_gen = best_of(args.repeats, generate_b1)
-    t_b1 = best_of(args.repeats, lambda: lda(1))
-    t_rows = best_of(args.repeats, lambda: lda(args.rows))
-    gen_tps, b1_tps, rows_tps = n / t_gen, n / t_b1, n * args.rows / t_rows
-    print(
-        json.dumps(
-            {
-                "benchmark": "lda_decode",
-                "parameters_per_model": sum(p.numel() for p in after.parameters()),
-                "prompt_tokens": len(prompt),
-                "new_tokens": n,
-                "rows": args.rows,
-                "device": "cpu",
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "generate_b1_tokens_per_s": round(gen_tps, 1),
-                "lda_b1_tokens_per_s": round(b1_tps, 1),
-                f"lda_b{args.rows}_tokens_per_s": round(rows_tps, 1),
-                "lda_b1_over_generate_b1": round(b1_tps / gen_tps, 3),
-                "lda_rows_over_lda_b1": round(rows_tps / b1_tps, 2),
-            },
-            indent=2,
-        )
-    )
+    rows_list = sorted({1, *args.rows})
+    result: dict[str, Any] = {
+        "benchmark": "lda_decode",
+        "size": args.size,
+        "parameters_per_model": sum(p.numel() for p in after.parameters()),
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "rows": max(rows_list),
+        **hardware(device, dtype),
+        "build_pair_s": round(build_s, 2),
+    }
+    tps: dict[int, float] = {}
+    for rows in rows_list:
+        generate(rows)  # warm-up (kernels, allocator) at this batch size
+        lda(rows)
+        gen_tps = n * rows / best_of(args.repeats, functools.partial(generate, rows))
+        tps[rows] = n * rows / best_of(args.repeats, functools.partial(lda, rows))
+        result[f"generate_b{rows}_tokens_per_s"] = round(gen_tps, 1)
+        result[f"lda_b{rows}_tokens_per_s"] = round(tps[rows], 1)
+        result[f"lda_b{rows}_over_generate_b{rows}"] = round(tps[rows] / gen_tps, 3)
+    result["lda_rows_over_lda_b1"] = round(tps[max(rows_list)] / tps[1], 2)
+    if device.type == "cuda":
+        result["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

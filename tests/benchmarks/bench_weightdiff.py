@@ -1,11 +1,13 @@
 """Batched weight-diff training against one-at-a-time PEFT LoRA, on the ~29M-parameter `bench_lda` Llama.
 
     OMP_WAIT_POLICY=PASSIVE python -m tests.benchmarks.bench_weightdiff [--tasks 8 16] [--steps 5]
-        [--seq-len 64] [--threads 2] [--repeats 1]
+        [--seq-len 64] [--threads 2] [--repeats 1] [--size tiny|bench|1b] [--device cpu|cuda]
+        [--dtype auto|bf16] [--no-memory]
 
 Every task is one plain-text sample of about `--seq-len` tokens (whole corpus words, BOS included),
 a different one per task; LoRA rank 8, alpha 8 (scale 1) on q, k, v, o, gate, up and down; Adam
-lr 1e-3; `--steps` steps per task. Prints JSON. Times are best of `--repeats` rounds, each round
+lr 1e-3; `--steps` steps per task (`--size`, `--device`, `--dtype` as in `bench_lda`). Prints JSON.
+Times are best of `--repeats` rounds, each round
 running every compared job once in turn, so a neighbour's load hits them alike. On a shared 2-core
 VM set OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waiting makes 2-thread runs 10-20x slower and erratic.
 For each T in `--tasks`:
@@ -39,6 +41,9 @@ micro-batch of `T * 4 * width` tokens unless a budget splits it):
   keeps the step's gradient, so the factors, up to float rounding (Adam's first steps move an
   entry by about lr even for a rounding-sized gradient; `unsplit_down_max_abs`, the largest `down`
   entry, zero at the start, is the scale of what training changed).
+  On CUDA the same settings run in this process instead, and `peak_gpu_growth_bytes` is the peak
+  of `torch.cuda.max_memory_allocated` during training over the allocation before it. `--no-memory`
+  skips this part.
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -65,8 +69,15 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from app.demo import build_tokenizer
-from tests.benchmarks.bench_lda import bench_model, corpus
+from tests.benchmarks.bench_lda import (
+    add_model_args,
+    bench_model,
+    bench_tokenizer,
+    corpus,
+    hardware,
+    model_placement,
+    sync,
+)
 from weightdiff import Task, TrainConfig, TrainResult, train
 from weightdiff.data import collate, encode_sample
 from weightdiff.train import token_loss_sums
@@ -99,13 +110,14 @@ def peft_sequential(peft_model: nn.Module, tokenizer: Any, samples: list[str], s
     """Train one fresh adapter per sample, one after another; returns each task's first loss."""
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    device = peft_model.get_input_embeddings().weight.device
     first = []
     for t, text in enumerate(samples):
         torch.manual_seed(t)
         for layer in layers:
             layer.reset_lora_parameters("default", True)
         optimizer = torch.optim.Adam(params, lr=LR)
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
         for step in range(steps):
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
@@ -134,8 +146,9 @@ def compare(args: argparse.Namespace, base: nn.Module, peft_model: nn.Module, to
     samples = texts(tokenizer, t, args.seq_len)
     tasks = [Task([s]) for s in samples]
     encoded = [encode_sample(tokenizer, s) for s in samples]
-    batch = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
-    counts = torch.tensor([e.num_targets for e in encoded], dtype=torch.float32)
+    device = base.get_input_embeddings().weight.device
+    batch = collate(encoded, tokenizer.pad_token_id, device)
+    counts = torch.tensor([e.num_targets for e in encoded], dtype=torch.float32, device=device)
     results: list[TrainResult] = []
     peft_first: list[list[float]] = []
     jobs: dict[str, Callable[[], object]] = {
@@ -148,6 +161,7 @@ def compare(args: argparse.Namespace, base: nn.Module, peft_model: nn.Module, to
         for name, job in jobs.items():
             t0 = time.perf_counter()
             job()
+            sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     step_seconds = min(r.seconds for r in results)
     tokens = args.steps * batch[0].numel()
@@ -169,10 +183,10 @@ def peak_rss_bytes() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 
 
-def mem_probe(root: Path, budget: int) -> None:
+def mem_probe(root: Path, budget: int, size: str) -> None:
     """Subprocess side: train the saved job once under `budget` (0: none); print growth and counts."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-    model = bench_model(tokenizer, 1)
+    model = bench_model(tokenizer, 1, size)
     job = json.loads((root / "job.json").read_text())
     cfg = config(job["steps"], batch_size=MEM_SAMPLES, max_tokens_per_micro_batch=budget or None)
     with torch.no_grad():
@@ -196,21 +210,78 @@ def mem_probe(root: Path, budget: int) -> None:
     print(json.dumps({"growth": growth, "micro_batches": forwards[0] / cfg.steps, "losses": result.losses}))
 
 
-def memory(args: argparse.Namespace, tokenizer: Any, root: Path) -> dict:
+def memory_job(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[str]], int, dict[str, int]]:
+    """The memory part's tasks (`MEM_SAMPLES` samples each), their padded width and the budgets."""
     t = min(args.tasks)
     samples = texts(tokenizer, t * MEM_SAMPLES, args.seq_len)
     width = max(len(encode_sample(tokenizer, s).ids) for s in samples)
-    tokenizer.save_pretrained(root / "tokenizer")
     tasks = [samples[i : i + MEM_SAMPLES] for i in range(0, len(samples), MEM_SAMPLES)]
+    full = t * MEM_SAMPLES * width
+    budgets = {"unsplit": 0, "half": full // 2, "quarter": full // 4, "below_floor": t * width // 2}
+    return tasks, width, budgets
+
+
+def gpu_memory(args: argparse.Namespace, base: nn.Module, tokenizer: Any) -> dict:
+    """The memory comparison on CUDA, in this process: peak device allocation growth per budget."""
+    tasks, width, budgets = memory_job(args, tokenizer)
+    device = base.get_input_embeddings().weight.device
+    report: dict[str, Any] = {
+        "tasks": len(tasks),
+        "samples_per_task": MEM_SAMPLES,
+        "padded_width": width,
+        "step_tokens": len(tasks) * MEM_SAMPLES * width,
+    }
+    runs = {}
+    for name, budget in budgets.items():
+        cfg = config(args.steps, batch_size=MEM_SAMPLES, max_tokens_per_micro_batch=budget or None)
+        forwards = [0]
+        hook = base.register_forward_pre_hook(lambda *_, n=forwards: n.__setitem__(0, n[0] + 1))
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        try:
+            result = train(base, tokenizer, [Task(s) for s in tasks], cfg)
+        finally:
+            hook.remove()
+        sync(device)
+        runs[name] = result
+        diff = {}
+        if name != "unsplit":
+            ref = runs["unsplit"]
+            diff = {
+                "factors_max_abs_diff_vs_unsplit": max(
+                    (getattr(f, kind) - getattr(ref.factors[t][m], kind)).abs().max().item()
+                    for t, task_factors in enumerate(result.factors)
+                    for m, f in task_factors.items()
+                    for kind in ("down", "up")
+                ),
+                "losses_max_abs_diff_vs_unsplit": max(
+                    abs(a - b)
+                    for split, whole in zip(result.losses, ref.losses, strict=True)
+                    for a, b in zip(split, whole, strict=True)
+                ),
+            }
+        report[name] = {
+            "max_tokens_per_micro_batch": budget or None,
+            "micro_batches_per_step": forwards[0] / cfg.steps,
+            "peak_gpu_growth_bytes": torch.cuda.max_memory_allocated(device) - before,
+            **diff,
+        }
+    return report
+
+
+def memory(args: argparse.Namespace, tokenizer: Any, root: Path) -> dict:
+    t = min(args.tasks)
+    tasks, width, budgets = memory_job(args, tokenizer)
+    tokenizer.save_pretrained(root / "tokenizer")
     job = {"steps": args.steps, "tasks": tasks}
     (root / "job.json").write_text(json.dumps(job))
     full = t * MEM_SAMPLES * width
-    budgets = {"unsplit": 0, "half": full // 2, "quarter": full // 4, "below_floor": t * width // 2}
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
     runs = {}
     for name, budget in budgets.items():
         cmd = [sys.executable, "-m", "tests.benchmarks.bench_weightdiff", "--threads", str(args.threads)]
-        cmd += ["--mem-probe", str(root), "--budget", str(budget)]
+        cmd += ["--mem-probe", str(root), "--budget", str(budget), "--size", args.size]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
     ref = torch.load(root / "factors_0.pt")
@@ -242,16 +313,20 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory part")
+    add_model_args(ap)
     ap.add_argument("--mem-probe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.mem_probe is not None:
-        mem_probe(args.mem_probe, args.budget)
+        mem_probe(args.mem_probe, args.budget, args.size)
         return
+    device, dtype = model_placement(args)
     start = time.perf_counter()
-    tokenizer = build_tokenizer(corpus(), vocab_size=8192)
-    base = bench_model(tokenizer, 1).requires_grad_(False)  # train() restores these flags afterwards
+    tokenizer = bench_tokenizer(args.size)
+    # train() restores these flags afterwards
+    base = bench_model(tokenizer, 1, args.size, device, dtype).requires_grad_(False)
     peft_model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(TARGETS), lora_dropout=0.0),
@@ -265,14 +340,18 @@ def main() -> None:
         "rank": RANK,
         "steps": args.steps,
         "seq_len": args.seq_len,
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "size": args.size,
+        **hardware(device, dtype),
     }
     for t in args.tasks:
         result |= compare(args, base, peft_model, tokenizer, t)
-    with tempfile.TemporaryDirectory() as tmp:
-        result["memory"] = memory(args, tokenizer, Path(tmp))
+    if args.no_memory:
+        pass
+    elif device.type == "cuda":
+        result["memory"] = gpu_memory(args, base, tokenizer)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["memory"] = memory(args, tokenizer, Path(tmp))
     result["benchmark_wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
 
