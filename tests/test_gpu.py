@@ -20,6 +20,7 @@ from amplification.merge import apply, is_merged, merged, plan_deltas, restore
 from amplification.registry import AdapterRegistry
 from lda import DecodeConfig, LDAModelPair, Row, SamplingParams, Side, collect
 from tests.test_amplification_merge import digests, make_adapter, table
+from tests.test_weightdiff import CHAT, TEXTS
 from tests.tiny import save, tiny_llama
 from weightdiff import Task, TrainConfig, train
 
@@ -191,17 +192,6 @@ def test_failure_midway_through_a_cuda_merge_restores(tokenizer, adapter_dir, mo
 
 # --- (c) weight diffs: T tasks together == each alone, on CUDA -----------------------------------
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A model pair decodes in lockstep, one token at a time.",
-    "What should I do if I feel bored? Read a book, take a walk.",
-    "Amplified logits surface rare behaviours in fine-tuned language models.",
-    "Hello world, this is a small test of the tokenizer.",
-]
-CHAT = [
-    {"role": "user", "content": "What should I do if I feel bored?"},
-    {"role": "assistant", "content": "Read a book, take a walk, call a friend."},
-]
 
 
 def relative_error(together, alone, init):
