@@ -12,7 +12,7 @@ from amplification import AmplificationConfig
 from app.amplification_lens.amplifier import Amplifier
 from app.amplification_lens.jobs import amplification_job
 from app.amplification_lens.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
-from app.api.deps import check_limits, get_amplifier, get_engine, get_settings, observe
+from app.api.deps import AmplifierDep, EngineDep, SettingsDep, check_limits, observe
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, STREAMING, not_found
 from app.api.streaming import run_job, stream_response
@@ -22,28 +22,25 @@ MAX_COLUMNS = 16
 
 
 @router.get("/adapters", responses=ERRORS)
-async def list_adapters(request: Request) -> Any:
-    amp = get_amplifier(request)
+async def list_adapters(amp: AmplifierDep) -> Any:
     return {"adapters": [a.info() for a in amp.registry.list()]}
 
 
 @router.post("/adapters", status_code=201, responses=ERRORS)
-async def load_adapter(req: AdapterLoadRequest, request: Request) -> Any:
+async def load_adapter(req: AdapterLoadRequest, amp: AmplifierDep, engine: EngineDep) -> Any:
     """Load a PEFT LoRA adapter (local directory under an allowed root, or a hub id when online)."""
-    amp = get_amplifier(request)
-    adapter = await get_engine(request).run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
+    adapter = await engine.run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
     return adapter.info()
 
 
 @router.get("/adapters/{name}", responses=not_found("adapter"))
-async def get_adapter(name: str, request: Request) -> Any:
-    return get_amplifier(request).registry.get(name).info()
+async def get_adapter(name: str, amp: AmplifierDep) -> Any:
+    return amp.registry.get(name).info()
 
 
 @router.delete("/adapters/{name}", responses=not_found("adapter"))
-async def delete_adapter(name: str, request: Request) -> Any:
-    amp = get_amplifier(request)
-    adapter = await get_engine(request).run(lambda job: amp.delete_adapter(name))
+async def delete_adapter(name: str, amp: AmplifierDep, engine: EngineDep) -> Any:
+    adapter = await engine.run(lambda job: amp.delete_adapter(name))
     return {"deleted": adapter.name}
 
 
@@ -59,33 +56,32 @@ def _config(amp: Amplifier, req: CompileRequest) -> AmplificationConfig:
 
 
 @router.post("/amplification/compile", responses=ERRORS)
-async def compile_config(req: CompileRequest, request: Request) -> Any:
+async def compile_config(req: CompileRequest, amp: AmplifierDep, engine: EngineDep) -> Any:
     """Validate and resolve a config: per-layer, per-module weights, content hash, lora_name."""
-    amp = get_amplifier(request)
-    return await get_engine(request).run(lambda job: amp.describe(amp.compile(_config(amp, req))))
+    return await engine.run(lambda job: amp.describe(amp.compile(_config(amp, req))))
 
 
 @router.post("/v1/compile_and_load_amplification", responses=ERRORS)
-async def compile_and_load(req: CompileRequest, request: Request) -> Any:
+async def compile_and_load(req: CompileRequest, amp: AmplifierDep, engine: EngineDep) -> Any:
     """The diffing toolkit's route: `{lora_name, lora_path}`; the name then works as a config."""
-    amp = get_amplifier(request)
 
     def run(job: Any) -> dict[str, str]:
         compiled = amp.compile(_config(amp, req))
         return {"lora_name": compiled.lora_name, "lora_path": str(amp.write_compiled(compiled))}
 
-    return await get_engine(request).run(run)
+    return await engine.run(run)
 
 
 @router.post("/amplification/generate", responses=STREAMING)
-async def amplification_generate(req: AmplificationGenerateRequest, request: Request) -> Any:
+async def amplification_generate(
+    req: AmplificationGenerateRequest, request: Request, amp: AmplifierDep, settings: SettingsDep
+) -> Any:
     """Prompts x columns (base, plain adapters, each config) side by side, same seeds per column."""
     t0 = time.perf_counter()
-    amp = get_amplifier(request)
     columns = len(req.configs) + int(req.include_base)
     if columns > MAX_COLUMNS:
         raise ValueError(f"too many columns: {columns}, the limit is {MAX_COLUMNS}")
-    check_limits(get_settings(request), req, len(req.prompt_list) * req.n * max(columns, 1))
+    check_limits(settings, req, len(req.prompt_list) * req.n * max(columns, 1))
     usage = Usage()
     if req.stream:
         return stream_response(
