@@ -81,6 +81,7 @@ class AdapterSource:
         return self._forward(tokens, attention_mask, position_ids)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to(self.cache.layers[0].keys.device)
-        self.cache.batch_select_indices(torch.cat([rows, rows + self.rows]))
+        # The cache holds [after rows; before rows]: select the same rows from both halves (an
+        # index may repeat: a shared prefill expanded). See `ModelSource.keep_rows`.
+        self.cache.reorder_cache(torch.cat([rows, rows + self.rows]))
         self.rows = rows.shape[0]

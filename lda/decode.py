@@ -2,7 +2,8 @@
 
 Reads like gpt-fast: prefill both models once, then loop sample -> yield -> stop check ->
 decode_one_token. Each model keeps its own KV cache on the same token sequence. Rows
-(prompts x alphas x samples) decode together, left-padded; a finished row is dropped from
+(prompts x alphas x samples) decode together, left-padded; rows that share a prompt share its
+one prefill (the caches are then expanded to one row each), and a finished row is dropped from
 the batch and from both caches so it stops costing work.
 
 The loop talks to the models through `LogitsSource`, so adapter mode (one model, adapter
@@ -33,7 +34,9 @@ class LogitsSource(Protocol):
         self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def keep_rows(self, rows: torch.Tensor) -> None: ...
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """The batch becomes rows `rows` of the current one, in that order; an index may repeat."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,13 @@ def left_pad(
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def distinct_prompts(rows: Sequence[Row]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The distinct prompts in first-seen order, and for each row the index of its prompt."""
+    where: dict[tuple[int, ...], int] = {}
+    index = [where.setdefault(r.prompt_ids, len(where)) for r in rows]
+    return list(where), index
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
@@ -241,28 +251,63 @@ def _logprobs(
     return TokenLogprobs(token, lp(after), None if before is None else lp(before), lp(amplified))
 
 
+def prefill_rows(
+    source: LogitsSource, rows: Sequence[Row], pad_id: int, share: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prefill each distinct prompt once and give every row its prompt's logits, mask and positions.
+
+    Returns (after, before, attention mask, position ids) with one row per row, and the cache
+    row of each row: None when every row has its own. The caches are expanded later, by the
+    first `keep_rows` (a copy per row: a row's keys and values are its prompt's, bit for bit),
+    so nothing is copied when no decode step follows. The padded width is the longest prompt's,
+    as when every row is prefilled.
+    """
+    if share:
+        prompts, index = distinct_prompts(rows)
+    else:
+        prompts, index = [r.prompt_ids for r in rows], list(range(len(rows)))
+    ids, mask, positions = left_pad(prompts, pad_id, source.device)
+    after, before = source.prefill(ids, mask, positions)
+    if len(prompts) == len(rows):
+        return after, before, mask, positions, None
+    cache_rows = torch.tensor(index, device=source.device)
+    before = None if before is None else before[cache_rows]
+    return after[cache_rows], before, mask[cache_rows], positions[cache_rows], cache_rows
+
+
 def decode(
-    source: LogitsSource, tokenizer: Any, rows: Sequence[Row], config: DecodeConfig
+    source: LogitsSource,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    config: DecodeConfig,
+    share_prefill: bool = True,
 ) -> Iterator[TokenEvent | RowOutput]:
     """Decode all rows together; yields each token as it is sampled and each row as it ends.
 
     The consumer may stop iterating at any point (cancellation); nothing is left held.
+
+    Args:
+        source: the models' logits and caches.
+        tokenizer: detokenizes the sampled ids.
+        rows: prompt, alpha and seed of each decoded sequence.
+        config: stopping, sampling and padding.
+        share_prefill: prefill each distinct prompt once (False: once per row, the old way,
+            kept as the benchmark's baseline).
     """
     if not rows:
         raise ValueError("decode needs at least one row")
     if any(len(r.prompt_ids) == 0 for r in rows):
         raise ValueError("every row needs at least one prompt token")
     device = source.device
-    ids, mask, positions = left_pad([r.prompt_ids for r in rows], config.pad_id, device)
     generators = [_generator(r.seed, device) for r in rows]
     alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
     states = [_RowState(i, TextTracker(tokenizer, config.stop, r.prompt_ids)) for i, r in enumerate(rows)]
     for s in states:
         s.logprobs = [] if config.details else None
     active = list(range(len(rows)))  # batch position -> row index
-    last_pos = positions[:, -1:]  # [B, 1]
 
-    after, before = source.prefill(ids, mask, positions)
+    after, before, mask, positions, cache_rows = prefill_rows(source, rows, config.pad_id, share_prefill)
+    last_pos = positions[:, -1:]  # [B, 1]
     for _ in range(config.max_new_tokens):
         amplified = logit_diff(after, before, alphas)  # [B, V] fp32
         keep: list[int] = []
@@ -289,9 +334,13 @@ def decode(
             return
         if len(keep) < len(active):
             index = torch.tensor(keep, device=device)
-            source.keep_rows(index)
+            cache_rows = index if cache_rows is None else cache_rows[index]
             mask, last_pos, alphas = mask[index], last_pos[index], alphas[index]
             active = [active[i] for i in keep]
+        if cache_rows is not None:
+            # One selection drops the finished rows and expands a shared prefill to its rows.
+            source.keep_rows(cache_rows)
+            cache_rows = None
         tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(-1)  # [B, 1]
         mask = torch.cat([mask, torch.ones_like(tokens)], dim=-1)
         last_pos = last_pos + 1

@@ -59,5 +59,8 @@ class ModelSource:
         return self._forward(tokens, attention_mask, position_ids)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
+        # `reorder_cache` is an `index_select` per layer (on each layer's device): it copies, so a
+        # repeated index (a shared prefill expanded) gives each row its own cache; on CPU it is ~9x
+        # faster than `batch_select_indices`' advanced indexing (one demo-pair layer to 64 rows).
         for cache in self.caches:
-            cache.batch_select_indices(rows.to(cache.layers[0].keys.device))
+            cache.reorder_cache(rows)
