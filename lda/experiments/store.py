@@ -1,0 +1,290 @@
+"""Experiments on disk: `root/<id>/experiment.json` (atomic) and `root/<id>/samples.jsonl` (appended).
+
+Commit protocol for one chunk, so a crash at any point can neither lose nor double-count samples:
+  1. truncate samples.jsonl back to `committed_bytes` (dropping a torn or uncommitted tail), append
+     the chunk's lines, fsync;
+  2. write the record atomically with the new `done`, `committed_bytes` and counts.
+A crash between 1 and 2 leaves the record one chunk behind; the next commit (or `resume_point`)
+truncates the file back to the record's `committed_bytes` and the chunk runs again, identically,
+because sample i always decodes with `seed + i`. Counts live only in the record, so they always
+describe exactly the committed chunks, also with store="hits" where most samples are never written.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lda.experiments.spec import ExperimentSpec
+from weightdiff.jobs import write_json_atomic
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL = ("done", "cancelled")
+RESUMABLE = ("queued", "interrupted", "failed")
+
+
+def _serialized(method):
+    """Run a read-modify-write method under the store's write lock.
+
+    The engine thread commits chunks while HTTP threads cancel or requeue; without the lock a
+    cancel could save a stale copy over a fresh commit (or a commit drop the cancel flag).
+    """
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._write_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+class ExperimentStoreError(Exception):
+    """Writing an experiment failed (disk full, permissions): the runner marks it failed.
+
+    The committed chunks stay on disk and count; the failed chunk is dropped on the next attempt.
+    """
+
+
+@dataclass
+class ExperimentRecord:
+    id: str
+    spec: dict[str, Any]
+    total: int
+    status: str = "queued"
+    done: int = 0  # samples [0, done) are committed
+    committed_bytes: int = 0  # length of samples.jsonl at the last commit
+    written: int = 0  # lines in samples.jsonl up to committed_bytes
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # [condition][detector] -> hits
+    totals: dict[str, int] = field(default_factory=dict)  # [condition] -> samples done
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    run_seconds: float = 0.0  # generation time summed over committed chunks, across restarts
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+
+    def experiment_spec(self) -> ExperimentSpec:
+        return ExperimentSpec.from_dict(self.spec)
+
+
+class ExperimentStore:
+    """Experiment records under `root/<id>/`; readers on any thread get copies, never live records."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # guards the dict readers copy from
+        self._write_lock = threading.RLock()  # serializes the read-modify-write methods
+        self._records: dict[str, ExperimentRecord] = {}
+        for path in sorted(self.root.glob("*/experiment.json")):
+            try:
+                record = ExperimentRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue  # a foreign or damaged file must not hide the other experiments
+            self._records[record.id] = record
+
+    def dir(self, exp_id: str) -> Path:
+        return self.root / exp_id
+
+    def samples_path(self, exp_id: str) -> Path:
+        return self.dir(exp_id) / "samples.jsonl"
+
+    def create(self, spec: ExperimentSpec) -> ExperimentRecord:
+        record = ExperimentRecord(id=uuid.uuid4().hex[:12], spec=spec.to_dict(), total=spec.total)
+        try:
+            self.dir(record.id).mkdir(parents=True)
+            self.samples_path(record.id).touch()
+        except OSError as exc:
+            raise ExperimentStoreError(f"creating experiment {record.id} failed: {exc}") from exc
+        self._save(record)
+        return copy.deepcopy(record)
+
+    def get(self, exp_id: str) -> ExperimentRecord | None:
+        with self._lock:
+            record = self._records.get(exp_id)
+            return copy.deepcopy(record) if record is not None else None
+
+    def require(self, exp_id: str) -> ExperimentRecord:
+        record = self.get(exp_id)
+        if record is None:
+            raise KeyError(exp_id)
+        return record
+
+    def list(self) -> list[ExperimentRecord]:
+        with self._lock:
+            return [copy.deepcopy(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
+
+    @_serialized
+    def recover(self) -> list[str]:
+        """At startup: mark experiments left running as interrupted; return the ids to resume.
+
+        The ids are those queued or interrupted (not failed: a failure needs `requeue` by a person),
+        oldest first.
+        """
+        for record in self.list():
+            if record.status == "running":
+                record.status = "interrupted"
+                record.error = (
+                    f"the server stopped while the experiment was running (at sample {record.done})"
+                )
+                self._save(record, strict=False)
+        return [r.id for r in self.list() if r.status in ("queued", "interrupted")]
+
+    @_serialized
+    def resume_point(self, exp_id: str) -> int:
+        """The first sample index not durably committed; cuts samples.jsonl back to the last commit."""
+        record = self.require(exp_id)
+        self._truncate(record)
+        return record.done
+
+    @_serialized
+    def mark_running(self, exp_id: str) -> ExperimentRecord:
+        record = self.require(exp_id)
+        self._truncate(record)
+        record.status, record.error = "running", None
+        record.started = record.started or time.time()
+        self._save(record)
+        return record
+
+    @_serialized
+    def commit_chunk(
+        self, exp_id: str, chunk: range, records: Sequence[Mapping[str, Any]], seconds: float
+    ) -> ExperimentRecord:
+        """Append a finished chunk's samples and count them (see the module docstring)."""
+        record = self.require(exp_id)
+        if chunk.start != record.done or len(records) != len(chunk):
+            raise ValueError(f"chunk {chunk} does not continue experiment {exp_id} at sample {record.done}")
+        keep_all = record.spec["store"] == "all"
+        lines = [r for r in records if keep_all or r["hits"]]
+        data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in lines).encode()
+        self._append(record, data, chunk)
+        for sample in records:
+            condition = sample["condition"]
+            record.totals[condition] = record.totals.get(condition, 0) + 1
+            row = record.counts.setdefault(condition, {})
+            for name in sample["hits"]:
+                row[name] = row.get(name, 0) + 1
+        record.done = chunk.stop
+        record.committed_bytes += len(data)
+        record.written += len(lines)
+        record.run_seconds += seconds
+        record.samples_per_s = record.done / record.run_seconds if record.run_seconds > 0 else None
+        record.eta_s = (record.total - record.done) / record.samples_per_s if record.samples_per_s else None
+        if record.done == record.total:
+            record.status, record.finished, record.eta_s = "done", time.time(), 0.0
+        self._save(record)
+        return record
+
+    @_serialized
+    def fail(self, exp_id: str, message: str) -> ExperimentRecord:
+        record = self.require(exp_id)
+        record.status, record.error, record.finished = "failed", message, time.time()
+        self._save(record, strict=False)  # already reporting an error: a full disk must not mask it
+        return record
+
+    @_serialized
+    def cancel(self, exp_id: str) -> ExperimentRecord:
+        """Cancel now if not running; a running experiment stops at its next chunk boundary."""
+        record = self.require(exp_id)
+        if record.status in FINAL:
+            return record
+        if record.status == "running":
+            record.cancel_requested = True
+        else:
+            record.status, record.finished = "cancelled", time.time()
+        self._save(record)
+        return record
+
+    @_serialized
+    def finish_cancelled(self, exp_id: str) -> ExperimentRecord:
+        record = self.require(exp_id)
+        record.status, record.finished, record.eta_s = "cancelled", time.time(), None
+        self._save(record)
+        return record
+
+    @_serialized
+    def requeue(self, exp_id: str) -> ExperimentRecord:
+        """Queue an interrupted or failed experiment again; it continues from `resume_point`."""
+        record = self.require(exp_id)
+        if record.status not in RESUMABLE:
+            raise ValueError(
+                f"experiment {exp_id} is {record.status}; only {', '.join(RESUMABLE)} ones resume"
+            )
+        record.status, record.error, record.finished = "queued", None, None
+        self._save(record)
+        return record
+
+    def read_samples(self, exp_id: str) -> Iterator[dict[str, Any]]:
+        """The committed sample lines (never a chunk still being written)."""
+        record = self.require(exp_id)
+        with open(self.samples_path(exp_id), "rb") as f:
+            data = f.read(record.committed_bytes)
+        for line in data.splitlines():
+            yield json.loads(line)
+
+    @_serialized
+    def delete(self, exp_id: str) -> None:
+        record = self.require(exp_id)
+        if record.status == "running":
+            raise ValueError(f"experiment {exp_id} is running; cancel it first")
+        with self._lock:
+            del self._records[exp_id]
+        shutil.rmtree(self.dir(exp_id), ignore_errors=True)
+
+    def _append(self, record: ExperimentRecord, data: bytes, chunk: range) -> None:
+        path = self.samples_path(record.id)
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(record.committed_bytes)
+                f.seek(record.committed_bytes)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            try:  # best effort: leave only committed chunks behind (the next commit truncates anyway)
+                os.truncate(path, record.committed_bytes)
+            except OSError:
+                pass
+            raise ExperimentStoreError(
+                f"writing samples {chunk.start}..{chunk.stop - 1} of experiment {record.id} failed: {exc}"
+            ) from exc
+
+    def _truncate(self, record: ExperimentRecord) -> None:
+        path = self.samples_path(record.id)
+        try:
+            size = path.stat().st_size
+            if size < record.committed_bytes:
+                raise ExperimentStoreError(
+                    f"{path} holds {size} bytes, fewer than the {record.committed_bytes} committed: "
+                    "the file was changed outside the service"
+                )
+            if size > record.committed_bytes:
+                os.truncate(path, record.committed_bytes)
+        except OSError as exc:
+            raise ExperimentStoreError(f"reading back experiment {record.id} failed: {exc}") from exc
+
+    def _save(self, record: ExperimentRecord, strict: bool = True) -> None:
+        """Write the record, then publish it in memory, so memory never runs ahead of the disk.
+
+        With strict=False a failed write still updates memory (used when recording a failure).
+        """
+        snapshot = copy.deepcopy(record)
+        try:
+            write_json_atomic(self.dir(record.id) / "experiment.json", asdict(snapshot))
+        except OSError as exc:
+            if strict:
+                raise ExperimentStoreError(f"saving experiment {record.id} failed: {exc}") from exc
+        with self._lock:
+            self._records[record.id] = snapshot
