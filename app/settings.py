@@ -49,7 +49,13 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated allowed CORS origins (none = CORS off)")
 
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
-    max_rows_per_request: int = Field(64, ge=1, description="prompts x alphas x n per request")
+    max_rows_per_request: int = Field(1024, ge=1, description="prompts x alphas x n per request")
+    max_batch_tokens: int = Field(
+        64 * 2048,
+        ge=1,
+        description="tokens one decode batch may hold, rows x (longest prompt + max_new_tokens); "
+        "larger requests run in chunks of this size",
+    )
     max_stop_strings: int = Field(16, ge=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_concurrent_streams: int = Field(16, ge=1, description="open SSE streams at once (429 above)")
@@ -68,6 +74,12 @@ class Settings(BaseSettings):
         8, ge=1, description="adapters configs name by path or hub id (ref_*), least recently used unloaded"
     )
     queue_size: int = Field(32, ge=1, description="requests waiting for the engine before 429")
+    max_experiment_samples: int = Field(
+        100_000, ge=1, description="samples per experiment: conditions x prompts x n"
+    )
+    experiment_chunk_size: int = Field(
+        64, ge=1, description="experiment samples per engine job; interactive requests run between chunks"
+    )
 
     @field_validator("model_after_id", "model_before_id")
     @classmethod

@@ -13,6 +13,7 @@ from lda.source import ModelSource
 
 from app.amplification_lens.amplifier import Amplifier, Compiled
 from app.amplification_lens.schemas import AmplificationGenerateRequest
+from app.api.chunking import chunked_events, plan_chunks
 from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
 from app.engine import Job
 from app.lda_lens.jobs import Decoder
@@ -62,9 +63,10 @@ def columns_for(amp: Amplifier, req: AmplificationGenerateRequest) -> list[tuple
 
 
 def amplification_job(
-    amp: Amplifier, req: AmplificationGenerateRequest, usage: Usage
+    amp: Amplifier, req: AmplificationGenerateRequest, usage: Usage, max_batch_tokens: int | None = None
 ) -> Callable[[Job], dict[str, Any] | None]:
-    """Each column merges its config into the base in place, decodes every row, and restores."""
+    """Each column merges its config into the base in place, decodes every row (in chunks of at most
+    `max_batch_tokens` padded tokens), and restores."""
 
     def run(job: Job) -> dict[str, Any] | None:
         columns = columns_for(amp, req)
@@ -81,11 +83,16 @@ def amplification_job(
         seed0 = base_seed(req)
         rows = [Row(ids[p], 0.0, seed0 + p * req.n + k) for p in range(len(ids)) for k in range(req.n)]
         config = amp.pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
+        chunks = [range(len(rows))]
+        if max_batch_tokens is not None:
+            chunks = plan_chunks(rows, req.max_new_tokens, max_batch_tokens)
         out_columns = []
         for c, (name, kind, compiled) in enumerate(columns):
             plan = amp.plan(compiled) if compiled is not None else {}
             with merged(amp.model, plan):
-                events = decode(ModelSource(amp.model), side.tokenizer, rows, config)
+                events = chunked_events(
+                    lambda part: decode(ModelSource(amp.model), side.tokenizer, part, config), rows, chunks
+                )
                 outputs = run_events(job, events, len(rows), usage, emit_text(job, column=c))
             if outputs is None:
                 return None

@@ -81,12 +81,11 @@ async def amplification_generate(
     columns = len(req.configs) + int(req.include_base)
     if columns > MAX_COLUMNS:
         raise ValueError(f"too many columns: {columns}, the limit is {MAX_COLUMNS}")
-    check_limits(settings, req, len(req.prompt_list) * req.n * max(columns, 1))
+    check_limits(settings, req, len(req.prompt_list) * req.n * max(columns, 1), what="prompts x n x columns")
     usage = Usage()
+    job_fn = amplification_job(amp, req, usage, settings.max_batch_tokens)
     if req.stream:
-        return stream_response(
-            request, amplification_job(amp, req, usage), t0, usage, "/amplification/generate"
-        )
-    body = await run_job(request, amplification_job(amp, req, usage))
+        return stream_response(request, job_fn, t0, usage, "/amplification/generate")
+    body = await run_job(request, job_fn)
     observe(request, "/amplification/generate", t0, usage)
     return body

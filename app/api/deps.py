@@ -50,7 +50,10 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def check_limits(settings: Settings, req: SamplingFields, rows: int) -> None:
+def check_limits(
+    settings: Settings, req: SamplingFields, rows: int, what: str = "prompts x alphas x n"
+) -> None:
+    """Refuse what no chunking makes sensible; `what` names the product that gave `rows`."""
     if "max_new_tokens" not in req.model_fields_set:  # the default never exceeds the server's limit
         req.max_new_tokens = min(req.max_new_tokens, settings.max_new_tokens_limit)
     if req.max_new_tokens > settings.max_new_tokens_limit:
@@ -59,7 +62,8 @@ def check_limits(settings: Settings, req: SamplingFields, rows: int) -> None:
         )
     if rows > settings.max_rows_per_request:
         raise ValueError(
-            f"too many rows: prompts x alphas x n = {rows}, the limit is {settings.max_rows_per_request}"
+            f"too many rows: {what} = {rows}, the limit is {settings.max_rows_per_request} "
+            "(MAX_ROWS_PER_REQUEST)"
         )
     if len(req.stop) > settings.max_stop_strings:
         raise ValueError(f"too many stop strings: {len(req.stop)}, the limit is {settings.max_stop_strings}")

@@ -13,9 +13,10 @@ from typing import Any
 from lda import LDAModelPair, Row, RowOutput, Side, TokenEvent
 from lda.pair import check_context, readable_prompt
 
+from app.api.chunking import chunked_events, plan_chunks
 from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
 from app.engine import Job
-from app.lda_lens.schemas import GenerateRequest, LDARequest
+from app.lda_lens.schemas import BATCH_ROW_FIELDS, GenerateRequest, LDABatchRequest, LDARequest
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,17 @@ def pair_decoder(pair: LDAModelPair) -> Decoder:
 
 
 def lda_job(
-    pair: LDAModelPair, req: LDARequest, usage: Usage, make_decoder: Callable[[], Decoder] | None = None
+    pair: LDAModelPair,
+    req: LDARequest,
+    usage: Usage,
+    make_decoder: Callable[[], Decoder] | None = None,
+    max_batch_tokens: int | None = None,
 ) -> Callable[[Job], dict[str, Any] | None]:
-    """The engine job for `/generate_lda` (streaming or not)."""
+    """The engine job for `/generate_lda` (streaming or not).
+
+    With `max_batch_tokens` the rows decode in chunks of at most that many padded tokens, one
+    after another within this job (see `app.api.chunking`); the result is the unchunked one.
+    """
 
     def run(job: Job) -> dict[str, Any] | None:
         decoder = make_decoder() if make_decoder else pair_decoder(pair)
@@ -63,7 +72,12 @@ def lda_job(
         config = pair.decode_config(
             req.max_new_tokens, sampling_params(req), req.stop, req.details, side=decoder.side
         )
-        outputs = run_events(job, decoder.events(rows, config), len(rows), usage, emit_text(job))
+        if max_batch_tokens is None:
+            chunks = [range(len(rows))]
+        else:
+            chunks = plan_chunks(rows, req.max_new_tokens, max_batch_tokens)
+        events = chunked_events(lambda part: decoder.events(part, config), rows, chunks)
+        outputs = run_events(job, events, len(rows), usage, emit_text(job))
         if outputs is None:
             return None
         return lda_response(decoder, req, formatted, metas, outputs)
@@ -115,6 +129,29 @@ def lda_response(
         "stopped_early": first["stopped_early"],
         "results": results,
     }
+
+
+def lda_batch_job(
+    pair: LDAModelPair, req: LDABatchRequest, usage: Usage, max_batch_tokens: int | None = None
+) -> Callable[[Job], dict[str, Any] | None]:
+    """The engine job for the seed's `/generate_lda_batch`: `/generate_lda` with one alpha and one
+    row per prompt, answered in the seed's batch shape."""
+    lda_req = LDARequest(**req.model_dump())
+    inner = lda_job(pair, lda_req, usage, max_batch_tokens=max_batch_tokens)
+
+    def run(job: Job) -> dict[str, Any] | None:
+        body = inner(job)
+        if body is None:
+            return None
+        return {
+            "results": [{k: row[k] for k in BATCH_ROW_FIELDS} for row in body["results"]],
+            "alpha": req.alpha,
+            "model_after": body["model_after"],
+            "model_before": body["model_before"],
+            "batch_size": len(req.prompts),
+        }
+
+    return run
 
 
 def generate_job(

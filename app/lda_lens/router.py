@@ -14,10 +14,12 @@ from app.api.deps import PairDep, SettingsDep, check_limits, get_amplifier, obse
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, STREAMING
 from app.api.streaming import run_job, stream_response
-from app.lda_lens.jobs import generate_job, lda_job
+from app.lda_lens.jobs import generate_job, lda_batch_job, lda_job
 from app.lda_lens.schemas import (
     GenerateRequest,
     GenerateResponse,
+    LDABatchRequest,
+    LDABatchResponse,
     LDARequest,
     LDAResponse,
     TokenizerCompatibilityResponse,
@@ -40,11 +42,27 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep, setting
     elif not pair.compatibility.compatible:
         raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
     usage = Usage()
-    job_fn = lda_job(pair, req, usage, make_decoder)
+    job_fn = lda_job(pair, req, usage, make_decoder, settings.max_batch_tokens)
     if req.stream:
         return stream_response(request, job_fn, t0, usage, "/generate_lda")
     body = await run_job(request, job_fn)
     observe(request, "/generate_lda", t0, usage)
+    return body
+
+
+@router.post("/generate_lda_batch", response_model=LDABatchResponse, responses=ERRORS)
+async def generate_lda_batch(
+    req: LDABatchRequest, request: Request, pair: PairDep, settings: SettingsDep
+) -> Any:
+    """The seed's batch route: one alpha, one row per prompt, decoded in chunks of at most
+    `MAX_BATCH_TOKENS`; row i uses `seed + i`, exactly as `/generate_lda` with `prompts`."""
+    t0 = time.perf_counter()
+    check_limits(settings, req, len(req.prompts), what="prompts")
+    if not pair.compatibility.compatible:
+        raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
+    usage = Usage()
+    body = await run_job(request, lda_batch_job(pair, req, usage, settings.max_batch_tokens))
+    observe(request, "/generate_lda_batch", t0, usage)
     return body
 
 

@@ -40,6 +40,13 @@ class LDARequest(PromptFields):
         return self.alphas if self.alphas is not None else [self.alpha]
 
 
+class LDABatchRequest(SamplingFields):
+    """The seed's `/generate_lda_batch` body (plus `seed`, `top_k`, `stop`): one alpha, one row per prompt."""
+
+    prompts: list[Prompt] = Field(min_length=1, description="one row per prompt, answered in order")
+    alpha: Alpha = Field(1.0, description="amplification; 0 = after model, -1 = before model")
+
+
 class GenerateRequest(SamplingFields):
     prompt: Prompt
 
@@ -78,6 +85,28 @@ class LDAResponse(BaseModel):
     tokens_generated: int
     stopped_early: bool
     results: list[LDARow]
+
+
+class LDABatchRow(BaseModel):
+    prompt: str
+    formatted_prompt: str
+    completion: str
+    text: str
+    tokens_generated: int
+    stopped_early: bool
+    seed: int = Field(description="this row's seed: `seed + i` for prompt i, so it reproduces alone")
+    finish_reason: str = Field(description="eos | stop | length")
+
+
+BATCH_ROW_FIELDS = tuple(LDABatchRow.model_fields)
+
+
+class LDABatchResponse(BaseModel):
+    results: list[LDABatchRow]
+    alpha: float
+    model_after: str
+    model_before: str
+    batch_size: int = Field(description="the number of prompts")
 
 
 class ModelCompletion(BaseModel):

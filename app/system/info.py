@@ -66,6 +66,7 @@ def info_body(
         "limits": {
             "max_new_tokens": settings.max_new_tokens_limit,
             "max_rows_per_request": settings.max_rows_per_request,
+            "max_batch_tokens": settings.max_batch_tokens,
             "max_stop_strings": settings.max_stop_strings,
             "queue_size": settings.queue_size,
             "max_body_bytes": settings.max_body_bytes,
@@ -76,6 +77,8 @@ def info_body(
             "max_weightdiff_tasks": settings.max_weightdiff_tasks,
             "max_weightdiff_samples": settings.max_weightdiff_samples,
             "max_weightdiff_steps": settings.max_weightdiff_steps,
+            "max_experiment_samples": settings.max_experiment_samples,
+            "experiment_chunk_size": settings.experiment_chunk_size,
         },
         "cuda": _cuda(pair),
         "versions": {
