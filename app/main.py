@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from lda.experiments import ExperimentStore
 from weightdiff.jobs import JobStore
 
 from app.amplification_lens.amplifier import Amplifier
@@ -18,6 +19,8 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import CountRequests, Guard
 from app.engine import Engine
+from app.experiments_lens.jobs import Runner
+from app.experiments_lens.router import router as experiments_router
 from app.lda_lens.router import router as lda_router
 from app.loader import load_pair
 from app.settings import Settings, get_settings
@@ -71,16 +74,23 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
         lost = app.state.jobs.recover()
         if lost:
             log.warning("weight-diff jobs interrupted by the last shutdown: %s", ", ".join(lost))
+        app.state.experiments = ExperimentStore(settings.data_dir / "experiments")
+        app.state.experiment_runner = runner = Runner(app)
+        resume = app.state.experiments.recover()
         app.state.engine.start()
         task = asyncio.create_task(_load(app, loader))
+        resuming = asyncio.create_task(runner.resume(task, resume))
         try:
             yield
         finally:
             task.cancel()
+            resuming.cancel()
+            runner.stop()
             for job_task in list(app.state.job_tasks):
                 job_task.cancel()
             interrupt_active(app.state.jobs)
             await asyncio.to_thread(app.state.engine.stop)
+            app.state.experiments.recover()  # experiments left running are reported interrupted
 
     app = FastAPI(
         title="Model diffing service",
@@ -104,6 +114,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(lda_router)
     app.include_router(amplification_router)
     app.include_router(weightdiff_router)
+    app.include_router(experiments_router)
 
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

@@ -36,6 +36,7 @@ def test_wilson_known_values(hits, total, expected):
 
 def test_wilson_edges():
     assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(0, 37)[0] == 0.0 and wilson(37, 37)[1] == 1.0  # exactly, not 1e-17 off
     with pytest.raises(ValueError, match="hits=11 total=10"):
         wilson(11, 10)
 

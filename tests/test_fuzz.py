@@ -56,6 +56,7 @@ def fuzz_app(tiny_dirs, tmp_path_factory):
         make_settings(
             tiny_dirs, tmp_path_factory.mktemp("fuzz"), max_new_tokens_limit=4, max_rows_per_request=4,
             max_weightdiff_tasks=2, max_weightdiff_samples=4, max_weightdiff_steps=2, queue_size=64,
+            max_experiment_samples=4,
         )
     )
     with TestClient(app) as client:  # runs the lifespan: models load once for the whole module

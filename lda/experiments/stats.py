@@ -27,8 +27,10 @@ def wilson(hits: int, total: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z2 / total
     center = (p + z2 / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / denom
-    # Clamp: at 0 or total hits the bound is 0 or 1 exactly, but rounds to +-1e-17.
-    return max(0.0, center - half), min(1.0, center + half)
+    # At 0 or total hits the bound is 0 or 1 exactly, but center -/+ half rounds to ~1e-17 off it.
+    lo = 0.0 if hits == 0 else max(0.0, center - half)
+    hi = 1.0 if hits == total else min(1.0, center + half)
+    return lo, hi
 
 
 def rate_ratio(h1: int, n1: int, h0: int, n0: int, z: float = Z95) -> tuple[float, float, float]:

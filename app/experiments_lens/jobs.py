@@ -1,0 +1,256 @@
+"""Experiments on the engine: one engine job per chunk, so interactive requests run between chunks.
+
+A chunk's rows come grouped by condition (the spec's condition-major order); each group decodes in
+one call the way `/generate_lda` would decode it (same formatting, sampling and seed per row), so
+sample i reproduces alone through `/generate_lda` with `seed` = its seed:
+- plain LDA: the two-model pair;
+- adapter / amplification: adapter-mode LDA on the base (`/generate_lda` with `adapter` /
+  `amplification`);
+- control: the before model stands in for the after model. `before + alpha * (before - before)` is
+  `before` at any alpha, so the before model decodes alone; `/generate_lda` with alpha -1 gives the
+  same rows (its formula is exact there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from amplification import field_path
+from amplification.adapter_mode import AdapterSource
+from lda import LDAModelPair, Row, decode
+from lda.experiments import Condition, ExperimentStore, step
+from lda.experiments.runner import STOPPED
+from lda.pair import Side, check_context, encode
+from lda.source import ModelSource
+
+from app.amplification_lens.amplifier import Amplifier
+from app.amplification_lens.jobs import text_side
+from app.api.chunking import chunked_events, plan_chunks
+from app.api.generation import Usage, run_events, sampling_params
+from app.api.schemas import SamplingFields
+from app.engine import Job, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class ChunkAborted(BaseException):
+    """The server is shutting down mid-chunk: the chunk is dropped, the experiment not failed.
+
+    A BaseException so that `step`, which marks an experiment failed on any Exception, lets it
+    through: the record stays "running" and the shutdown (or the next start) marks it interrupted.
+    """
+
+
+@dataclass(frozen=True)
+class Lens:
+    """Where one condition's logits come from and whose tokenizer formats its prompts."""
+
+    side: Side
+    events: Callable[[list[Row], Any], Iterator[Any]]
+    models: tuple[Any, ...]
+
+
+def lens_for(
+    pair: LDAModelPair, amp: Amplifier | None, condition: Condition, where: str = "condition"
+) -> Lens:
+    """The decoder of one condition; raises ValueError naming `where` for an unknown adapter or config."""
+    if condition.control:
+
+        def before_alone(rows: list[Row], config: Any) -> Iterator[Any]:
+            source = ModelSource(pair.before.model, None, pair.compatibility.shared_width)
+            return decode(source, pair.after.tokenizer, rows, config)
+
+        return Lens(pair.after, before_alone, (pair.after.model, pair.before.model))
+    if condition.adapter is None and condition.amplification is None:
+        return Lens(pair.after, pair.lda_events, (pair.after.model, pair.before.model))
+    if amp is None:
+        raise ValueError(f"{where}: adapters are not set up")
+    field = "amplification" if condition.amplification is not None else "adapter"
+    with field_path(f"{where}.{field}"):
+        reference = condition.amplification if condition.amplification is not None else condition.adapter
+        compiled = amp.lookup(reference)  # type: ignore[arg-type]
+    plan = amp.plan(compiled)
+    side = text_side(amp.pair)
+
+    def adapter_mode(rows: list[Row], config: Any) -> Iterator[Any]:
+        return decode(AdapterSource(amp.model, plan), side.tokenizer, rows, config)
+
+    return Lens(side, adapter_mode, (amp.model,))
+
+
+def prompt_ids(pair: LDAModelPair, side: Side, prompt: Any, fields: SamplingFields) -> tuple[int, ...]:
+    """A spec prompt as `/generate_lda` formats it; chat messages go through the chat template."""
+    if isinstance(prompt, str):
+        return pair.prompt_ids(prompt, fields.system_prompt, fields.apply_chat_template, side=side)[1]
+    messages = [{"role": role, "content": content} for role, content in prompt]
+    if fields.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fields.system_prompt})
+    if not fields.apply_chat_template or not getattr(side.tokenizer, "chat_template", None):
+        raise ValueError("chat messages need apply_chat_template and a tokenizer with a chat template")
+    formatted = side.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return encode(side.tokenizer, formatted, templated=True)
+
+
+def _groups(rows: Sequence[tuple[Any, Condition, int]]) -> Iterator[range]:
+    """Runs of adjacent rows with the same condition."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i][1] != rows[start][1]:
+            yield range(start, i)
+            start = i
+
+
+def chunk_generate(
+    pair: LDAModelPair,
+    amp: Amplifier | None,
+    fields: SamplingFields,
+    job: Job,
+    max_batch_tokens: int,
+    cancel_requested: Callable[[], bool],
+) -> Callable[[list[tuple[Any, Condition, int]]], list[tuple[str, str]]]:
+    """The `generate` callback of one chunk: one decode per condition group, split only where
+    `max_batch_tokens` demands (rows sharing a prompt are adjacent and prefill it once)."""
+    sampling = sampling_params(fields)
+
+    def generate(rows: list[tuple[Any, Condition, int]]) -> list[tuple[str, str]]:
+        results: list[tuple[str, str]] = []
+        for group in _groups(rows):
+            lens = lens_for(pair, amp, rows[group.start][1])
+            ids: dict[Any, tuple[int, ...]] = {}
+            decode_rows = []
+            for prompt, condition, seed in (rows[i] for i in group):
+                if prompt not in ids:
+                    ids[prompt] = prompt_ids(pair, lens.side, prompt, fields)
+                    check_context(len(ids[prompt]), fields.max_new_tokens, *lens.models)
+                decode_rows.append(Row(ids[prompt], condition.alpha, seed))
+            config = pair.decode_config(fields.max_new_tokens, sampling, fields.stop, side=lens.side)
+            chunks = plan_chunks(decode_rows, fields.max_new_tokens, max_batch_tokens)
+            events = chunked_events(functools.partial(_events, lens, config), decode_rows, chunks)
+            outputs = run_events(job, events, len(decode_rows), Usage(), lambda event: None)
+            if outputs is None:
+                if cancel_requested():
+                    raise RuntimeError("cancelled")  # `step` ends the experiment as cancelled
+                raise ChunkAborted()
+            results += [(o.text, o.finish_reason) for o in outputs]
+        return results
+
+    return generate
+
+
+def _events(lens: Lens, config: Any, rows: list[Row]) -> Iterator[Any]:
+    return lens.events(rows, config)
+
+
+def check_spec(pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields) -> None:
+    """At submit, on the engine: every adapter and config resolves, every prompt fits the context."""
+    checked: set[tuple[int, ...]] = set()
+    for i, condition in enumerate(spec.conditions):
+        lens = lens_for(pair, amp, condition, f"conditions[{i}]")
+        key = (id(lens.side), *map(id, lens.models))  # conditions decoding alike need one check
+        if key in checked:
+            continue
+        checked.add(key)
+        seen: set[Any] = set()
+        for p, prompt in enumerate(spec.prompts):
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            try:
+                ids = prompt_ids(pair, lens.side, prompt, fields)
+                check_context(len(ids), fields.max_new_tokens, *lens.models)
+            except ValueError as exc:
+                raise ValueError(f"prompts[{p}]: {exc}") from None
+
+
+class Runner:
+    """Drives experiments: one asyncio task each, one engine job per chunk."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.store: ExperimentStore = app.state.experiments
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.jobs: dict[str, Job] = {}  # the chunk each experiment has on the engine
+
+    def start(self, exp_id: str) -> None:
+        task = asyncio.create_task(self.drive(exp_id))
+        self.tasks[exp_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(exp_id, None))
+
+    def cancel(self, exp_id: str) -> None:
+        """After `store.cancel`: abort the chunk in flight, so the cancel needs no chunk to finish."""
+        job = self.jobs.get(exp_id)
+        if job is not None:
+            job.cancel()
+
+    def stop(self) -> None:
+        """At shutdown: drop the chunks in flight and stop the tasks."""
+        for job in list(self.jobs.values()):
+            job.cancel()
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+    async def resume(self, loading: asyncio.Task[None], ids: Sequence[str]) -> None:
+        """Once the models are loaded, continue the experiments the last process left."""
+        await loading
+        if self.app.state.pair is None:
+            return
+        for exp_id in ids:
+            log.info("resuming experiment %s", exp_id)
+            self.start(exp_id)
+
+    async def drive(self, exp_id: str) -> None:
+        state = self.app.state
+        settings = state.settings
+        while True:
+            record = self.store.require(exp_id)
+            if record.status in STOPPED:
+                return
+            fields = SamplingFields(**record.spec["sampling"])
+
+            def run(job: Job, fields: SamplingFields = fields) -> Any:
+                generate = chunk_generate(
+                    state.pair,
+                    state.amplifier,
+                    fields,
+                    job,
+                    settings.max_batch_tokens,
+                    lambda: self.store.require(exp_id).cancel_requested,
+                )
+                return step(self.store, exp_id, generate)
+
+            try:
+                await self._on_engine(exp_id, run)
+            except ChunkAborted:
+                return  # shutting down: the lifespan marks it interrupted
+            except Exception as exc:  # step records its own failures; this is the engine refusing
+                log.exception("experiment %s stopped", exp_id)
+                self.store.fail(exp_id, f"{type(exc).__name__}: {exc}")
+                return
+
+    async def _on_engine(self, exp_id: str, fn: Callable[[Job], Any]) -> Any:
+        """Submit one chunk, waiting politely while the queue is full (experiments are background work)."""
+        engine = self.app.state.engine
+        while True:
+            try:
+                job = engine.submit(fn)
+                break
+            except QueueFullError:
+                await asyncio.sleep(0.2)
+        self.jobs[exp_id] = job
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.cancel()
+            # Nobody awaits the future now: retrieve its outcome (ChunkAborted) so it is not logged.
+            job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return None  # only the job was cancelled (DELETE before it started): `step` ends it next
+        finally:
+            self.jobs.pop(exp_id, None)
