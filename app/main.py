@@ -88,8 +88,10 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
             runner.stop()
             for job_task in list(app.state.job_tasks):
                 job_task.cancel()
-            interrupt_active(app.state.jobs)
+            # After the engine stops: a step still running there saves its (live, "running") record
+            # when it ends, which would overwrite an earlier "interrupted".
             await asyncio.to_thread(app.state.engine.stop)
+            interrupt_active(app.state.jobs)
             app.state.experiments.recover()  # experiments left running are reported interrupted
 
     app = FastAPI(
