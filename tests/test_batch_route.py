@@ -7,9 +7,6 @@ real server process on the demo pair.
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -19,7 +16,7 @@ from lda import Row, RowOutput, TokenEvent
 from tests.test_amplification_api import config
 from tests.test_amplification_merge import make_adapter
 from tests.test_api import make_settings, parse_sse, wait_ready
-from tests.test_cli import free_port, server_env
+from tests.test_cli import free_port, running_server, server_env
 
 import app.amplification_lens.jobs as amplification_jobs
 import app.lda_lens.jobs as lda_jobs
@@ -281,23 +278,8 @@ SEED_CLIENT_BATCH = 100
 def demo_server(demo_data_dir, tmp_path_factory):
     port = free_port()
     env = server_env(PORT=str(port), DATA_DIR=str(demo_data_dir), LOG_LEVEL="warning")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    assert proc.wait(30) == 0, log.read_text()
+    with running_server(env, port, tmp_path_factory.mktemp("log") / "server.log") as url:
+        yield url
 
 
 def test_the_seed_clients_sleeper_experiment(demo_server):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,6 +32,29 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def running_server(env: dict[str, str], port: int, log: Path) -> Iterator[str]:
+    """`python -m app` as a real process until /ready; on exit SIGTERM, which must drain and exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        yield url
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()  # SIGTERM drains and exits cleanly
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dirs, tmp_path_factory):
     after, before = tiny_dirs
@@ -40,23 +66,8 @@ def server(tiny_dirs, tmp_path_factory):
         DATA_DIR=str(tmp_path_factory.mktemp("data")),
         LOG_LEVEL="warning",
     )
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    assert proc.wait(30) == 0, log.read_text()  # SIGTERM drains and exits cleanly
+    with running_server(env, port, tmp_path_factory.mktemp("log") / "server.log") as url:
+        yield url
 
 
 ARGS = ["--max-tokens", "8", "--temperature", "1.0"]

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_cli import free_port, server_env
+from tests.test_cli import free_port, running_server, server_env
 
 from app import experiment
 from app.experiment.cli import format_table
@@ -36,23 +36,8 @@ def server(tiny_dirs, tmp_path_factory):
         EXPERIMENT_CHUNK_SIZE="4",
         LOG_LEVEL="warning",
     )
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    assert proc.wait(30) == 0, log.read_text()
+    with running_server(env, port, tmp_path_factory.mktemp("log") / "server.log") as url:
+        yield url
 
 
 def cli(server, *args):
