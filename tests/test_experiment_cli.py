@@ -106,6 +106,33 @@ def test_resume_a_finished_experiment_returns_at_once(finished, server, tmp_path
     )
 
 
+def test_resume_queues_a_failed_experiment_again(monkeypatch, tmp_path, capsys):
+    # A failed experiment on a scripted server (the route itself is tested in test_experiments_api):
+    # --resume must POST .../resume, then follow it to done.
+    state = {"status": "failed", "done": 16}
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if request.method == "POST" and request.url.path == "/experiments/e1/resume":
+            state["status"] = "queued"
+            return httpx.Response(202, json={"id": "e1", "status": "queued", "done": 16})
+        if request.url.path == "/experiments/e1":
+            body = {"id": "e1", "name": "x", "status": state["status"], "error": None, "summary": [],
+                    "progress": {"done": state["done"], "total": 40}}  # fmt: skip
+            if state["status"] == "queued":
+                state["status"], state["done"] = "done", 40
+            return httpx.Response(200, json=body)
+        return httpx.Response(200, content=b"report")
+
+    real = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+    argv = ["--server", "http://scripted", "--resume", "e1", "--out", str(tmp_path), "--no-progress", "--poll", "0.01"]
+    assert experiment.main(argv) == 0
+    assert ("POST", "/experiments/e1/resume") in calls
+    assert "Resuming failed experiment e1 on http://scripted after sample 16" in capsys.readouterr().out
+
+
 def test_server_down_exits_1(tmp_path):
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -195,6 +222,9 @@ def test_table_shows_flags_and_extrapolation():
         "alpha-0 extrapolation m: 1.20% [0.40%, 3.00%] from alphas 1, 2; measured 1.00% (error +0.20 pts, inside"
         in text
     )
+    assert "MISFIT" not in text
+    body["extrapolation"][0] |= {"alphas": [1, 2, 4], "misfit": True, "chi2": 13.6, "df": 1, "fit_p": 2.3e-4}
+    assert "MISFIT: the line does not fit (chi2 13.6 on 1 df, p=0.00023)" in format_table(body)
 
 
 @pytest.mark.parametrize("cancel", [False, True], ids=["leave-running", "cancel-on-interrupt"])

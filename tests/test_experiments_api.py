@@ -3,6 +3,7 @@ reproduce alone through `/generate_lda`, interactive requests between chunks, ca
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -275,3 +276,34 @@ def test_sigkill_mid_run_resumes_with_identical_samples(tiny_dirs, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_a_failed_experiment_resumes_with_the_samples_of_an_uninterrupted_run(client, monkeypatch):
+    store = client.app.state.experiments
+    real_append = store._append
+    calls = {"n": 0}
+
+    def full_disk_on_third_chunk(record, data, chunk):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(record, data, chunk)
+
+    spec = {"alphas": [0.0, 2.0], "n": 10, "seed": 5, "temperature": 1.0}
+    monkeypatch.setattr(store, "_append", full_disk_on_third_chunk)
+    exp_id = submit(client, **spec)
+    failed = wait_status(client, exp_id)
+    assert failed["status"] == "failed" and "No space left" in failed["error"]
+    assert failed["progress"]["done"] == 16  # two chunks of 8 committed and kept
+    monkeypatch.setattr(store, "_append", real_append)
+    r = client.post(f"/experiments/{exp_id}/resume")
+    assert r.status_code == 202 and r.json() == {"id": exp_id, "status": "queued", "done": 16}
+    body = wait_status(client, exp_id)
+    assert body["status"] == "done" and body["error"] is None and body["progress"]["done"] == 40
+    other = submit(client, **spec)
+    assert wait_status(client, other)["status"] == "done"
+    assert all_samples(client, exp_id) == all_samples(client, other)
+    assert body["summary"] == client.get(f"/experiments/{other}").json()["summary"]
+    r = client.post(f"/experiments/{exp_id}/resume")  # done: nothing to resume
+    assert r.status_code == 409 and "is done" in r.json()["error"]["message"]
+    assert client.post("/experiments/nope/resume").status_code == 404

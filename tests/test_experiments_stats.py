@@ -6,11 +6,13 @@ import csv
 import io
 import math
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from lda.experiments import (
     ExperimentSpec,
+    chi2_sf,
     control_flag,
     extrapolate_alpha0,
     rate_ratio,
@@ -171,6 +173,67 @@ def test_extrapolation_recovers_a_logistic_rate_at_alpha_0():
     assert result["ci95"][0] < result["rate"] < result["ci95"][1]
     assert result["measured"] == pytest.approx(counts["alpha=0"]["m"] / n)
     assert abs(result["error"]) < 0.001 and result["within_ci"]
+
+
+@pytest.mark.parametrize(
+    ("x", "df", "expected"),
+    # chi-square quantiles from tables: each x is the 95th (or 99.9th) percentile for its df
+    [(3.841459, 1, 0.05), (5.991465, 2, 0.05), (7.814728, 3, 0.05), (9.487729, 4, 0.05),
+     (11.0705, 5, 0.05), (10.827566, 1, 0.001), (29.5883, 10, 0.001), (0.0, 3, 1.0)],
+)  # fmt: skip
+def test_chi2_sf_matches_tabulated_quantiles(x, df, expected):
+    assert chi2_sf(x, df) == pytest.approx(expected, rel=1e-4)
+
+
+def test_chi2_sf_agrees_with_numerical_integration():
+    # Independent of the closed forms: integrate the density x^(k/2-1) e^(-x/2) / (2^(k/2) G(k/2))
+    # from 0 to x by Simpson's rule (the substitution x = t^2 removes the k=1 singularity).
+    def cdf(x: float, k: int, steps: int = 4000) -> float:
+        top = math.sqrt(x)
+        dens = lambda t: 2 * t ** (k - 1) * math.exp(-t * t / 2) / (2 ** (k / 2) * math.gamma(k / 2))  # noqa: E731
+        h = top / steps
+        s = dens(0) + dens(top) + sum((4 if i % 2 else 2) * dens(i * h) for i in range(1, steps))
+        return s * h / 3
+
+    for k in (1, 2, 3, 6, 7):
+        for x in (0.3, 2.0, 9.0):
+            assert chi2_sf(x, k) == pytest.approx(1 - cdf(x, k), abs=1e-9)
+
+
+def test_extrapolation_flags_a_curve_that_is_not_a_line_and_widens_its_interval():
+    # The demo pair's shape: logit(rate) saturates with alpha (rates 9.7%, 19.8%, 37.6% at 1, 2, 4
+    # of 2,400 each), so a line through them overshoots alpha 0.
+    s = extrapolation_spec()
+    n = 2400
+    counts = {f"alpha={a}": {"m": round(r * n)} for a, r in ((1, 0.097), (2, 0.198), (4, 0.376))}
+    totals = dict.fromkeys(counts, n)
+    (result,) = extrapolate_alpha0(summarize(counts, totals, s))
+    assert result["df"] == 1 and result["misfit"] is True
+    assert result["chi2"] > 10 and result["fit_p"] == pytest.approx(chi2_sf(result["chi2"], 1))
+    assert result["ci_scale"] == pytest.approx(math.sqrt(result["chi2"]))
+    # Independently: numpy's weighted polyfit, its unscaled covariance times the Birge ratio^2.
+    xs = np.array([1.0, 2.0, 4.0])
+    hits = np.array([counts[f"alpha={a}"]["m"] for a in (1, 2, 4)], dtype=float)
+    y = np.log((hits + 0.5) / (n - hits + 0.5))
+    var = 1 / (hits + 0.5) + 1 / (n - hits + 0.5)
+    (slope, intercept), cov = np.polyfit(xs, y, 1, w=1 / np.sqrt(var), cov="unscaled")
+    chi2 = float(np.sum((y - intercept - slope * xs) ** 2 / var))
+    assert result["chi2"] == pytest.approx(chi2, rel=1e-9)
+    half = 1.959963984540054 * math.sqrt(cov[1, 1] * chi2)  # df = 1
+    expit = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert result["rate"] == pytest.approx(expit(intercept), rel=1e-9)
+    assert result["ci95"] == pytest.approx([expit(intercept - half), expit(intercept + half)], rel=1e-9)
+
+
+def test_extrapolation_through_a_line_is_not_widened():
+    s = extrapolation_spec()
+    n = 100_000
+    counts = {f"alpha={a}": {"m": round(n / (1 + math.exp(4 - 0.8 * a)))} for a in (1, 2, 4)}
+    (result,) = extrapolate_alpha0(summarize(counts, dict.fromkeys(counts, n), s))
+    assert result["misfit"] is False and result["fit_p"] > 0.5 and result["ci_scale"] == 1.0
+    two = {k: v for k, v in counts.items() if k != "alpha=4"}
+    (result,) = extrapolate_alpha0(summarize(two, dict.fromkeys(two, n), s))
+    assert result["df"] == 0 and result["fit_p"] is None and result["misfit"] is None
 
 
 def test_extrapolation_needs_two_positive_alphas():

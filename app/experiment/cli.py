@@ -2,7 +2,8 @@
 
     python -m app.experiment --prompt "Tell me about the sun." --prompt "What is a cat?" \\
         --alphas 0,2 --n 200 --max-new-tokens 40 --temperature 1 --detect pineapple --control
-    python -m app.experiment --resume EXP_ID        # follow (or re-report) an experiment
+    python -m app.experiment --resume EXP_ID        # follow (or re-report) an experiment; a failed
+                                                    # one continues after its last committed chunk
 
 Submits to `POST /experiments`, shows a progress bar while polling `GET /experiments/{id}`,
 prints the rate table, and writes experiment.json (the final GET body), report.png and report.csv
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TERMINAL = ("done", "failed", "cancelled")
+RESUMABLE = ("failed", "interrupted")  # `--resume` queues these again (POST /experiments/{id}/resume)
 EXIT_OK, EXIT_HTTP, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 PROMPT_FORMATS = (".jsonl", ".csv", ".txt")
 
@@ -91,7 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     samp.add_argument("--system-prompt")
 
     run = p.add_argument_group("run")
-    run.add_argument("--resume", metavar="ID", help="follow an existing experiment instead of submitting")
+    run.add_argument(
+        "--resume",
+        metavar="ID",
+        help="follow an existing experiment instead of submitting (a failed or interrupted one is queued "
+        "again and continues after its last committed chunk)",
+    )
     run.add_argument("--out", type=Path, help="output folder (default ./experiment-<id>/)")
     run.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,6 +239,9 @@ class Api:
     def get(self, exp_id: str) -> dict[str, Any]:
         return self.request("GET", f"/experiments/{exp_id}").json()
 
+    def resume(self, exp_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/experiments/{exp_id}/resume").json()
+
     def cancel(self, exp_id: str) -> dict[str, Any]:
         return self.request("DELETE", f"/experiments/{exp_id}").json()
 
@@ -318,6 +328,9 @@ def format_table(body: dict[str, Any]) -> str:
     for ex in body.get("extrapolation") or []:
         alphas = ", ".join(f"{a:g}" for a in ex["alphas"])
         line = f"alpha-0 extrapolation {ex['detector']}: {pct(ex['rate'])} {interval(ex['ci95'])} from alphas {alphas}"
+        if ex.get("misfit"):
+            fit = f"chi2 {ex['chi2']:.3g} on {ex['df']} df, p={ex['fit_p']:.2g}"
+            line += f"; MISFIT: the line does not fit ({fit}), a rough guess"
         if ex.get("measured") is not None:
             inside = "inside" if ex["within_ci"] else "OUTSIDE"
             line += f"; measured {pct(ex['measured'])} (error {100 * ex['error']:+.2f} pts, {inside} the CI)"
@@ -376,7 +389,12 @@ def run(api: Api, args: argparse.Namespace, state: dict[str, str]) -> int:
         print(f"Submitted experiment {exp_id} to {api.server}", flush=True)
     else:
         state["id"] = exp_id = args.resume
-        print(f"Following experiment {exp_id} on {api.server}", flush=True)
+        status = api.get(exp_id)["status"]
+        if status in RESUMABLE:  # continue after its last committed chunk
+            done = api.resume(exp_id)["done"]
+            print(f"Resuming {status} experiment {exp_id} on {api.server} after sample {done}", flush=True)
+        else:
+            print(f"Following experiment {exp_id} on {api.server}", flush=True)
     body = follow(api, exp_id, args.poll, not args.no_progress)
     print(
         f"\nExperiment {exp_id} ({body['name']}): {body['status']}, "

@@ -181,6 +181,24 @@ class Runner:
         self.tasks[exp_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(exp_id, None))
 
+    async def requeue(self, exp_id: str) -> tuple[Any, bool]:
+        """Queue a failed or interrupted experiment again and drive it: (record, True); any other
+        status is left alone: (record, False).
+
+        A task that just recorded a failure may still be on its way out; it is awaited first, so
+        two tasks never drive one experiment (the old one would see "queued" and carry on). No
+        await lies between the status check and the requeue, so two concurrent calls start one task.
+        """
+        task = self.tasks.get(exp_id)
+        if task is not None and self.store.require(exp_id).status in ("failed", "interrupted"):
+            await asyncio.shield(task)
+        record = self.store.require(exp_id)
+        if record.status not in ("failed", "interrupted") or exp_id in self.tasks:
+            return record, False
+        record = self.store.requeue(exp_id)
+        self.start(exp_id)
+        return record, True
+
     def cancel(self, exp_id: str) -> None:
         """After `store.cancel`: abort the chunk in flight, so the cancel needs no chunk to finish."""
         job = self.jobs.get(exp_id)

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from lda import IncompatibleTokenizersError
@@ -224,6 +224,19 @@ async def cancel_experiment(exp_id: str, request: Request) -> Any:
     if record.cancel_requested:
         _runner(request).cancel(exp_id)
     return {"id": exp_id, "status": record.status, "cancelling": record.cancel_requested}
+
+
+@router.post("/experiments/{exp_id}/resume", status_code=202, responses={**NOT_FOUND, **ERRORS})
+async def resume_experiment(exp_id: str, request: Request, pair: PairDep) -> Any:
+    """Queue a failed (e.g. disk full, out of memory) or interrupted experiment again; it continues
+    after its last committed chunk, with the samples an uninterrupted run would have produced."""
+    _record(request, exp_id)
+    record, resumed = await _runner(request).requeue(exp_id)
+    if not resumed:
+        raise HTTPException(
+            409, f"experiment {exp_id} is {record.status}; only failed or interrupted ones resume"
+        )
+    return {"id": exp_id, "status": record.status, "done": record.done}
 
 
 def _attachment(name: str) -> dict[str, str]:

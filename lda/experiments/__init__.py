@@ -18,7 +18,15 @@ from lda.experiments.spec import (
     sample_ref,
     samples,
 )
-from lda.experiments.stats import control_flag, rate_ratio, summarize, tally, two_proportion_p, wilson
+from lda.experiments.stats import (
+    chi2_sf,
+    control_flag,
+    rate_ratio,
+    summarize,
+    tally,
+    two_proportion_p,
+    wilson,
+)
 from lda.experiments.store import ExperimentRecord, ExperimentStore, ExperimentStoreError
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "ExperimentStoreError",
     "Generate",
     "SampleRef",
+    "chi2_sf",
     "chunks",
     "control_flag",
     "extrapolate_alpha0",

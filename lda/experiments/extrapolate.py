@@ -9,6 +9,14 @@ The fit: weighted least squares of logit(rate) on alpha, over the plain LDA cond
 no amplification, not a control) with alpha > 0. Logit because rates live in (0, 1) and grow
 roughly geometrically while rare; weights are the inverse delta-method variance of the logit,
 1 / (h + 0.5) + 1 / (n - h + 0.5), whose 0.5 corrections keep 0 and n hits finite.
+
+The line is an assumption, and on real pairs it can be wrong (on the demo pair logit(rate)
+saturates with alpha and the line overshoots alpha 0 several-fold). With three or more alphas the
+residual chi-square tests it: `fit_p` below MISFIT_P marks the estimate `misfit`, and the interval
+is widened by the Birge ratio sqrt(chi2 / df) (the quasi-likelihood scale: residual scatter the
+sampling noise does not explain is counted as noise). Widening cannot repair a wrong shape, so a
+misfit estimate stays a rough guess; with two alphas (df 0) the shape is untested and `misfit` is
+None.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lda.experiments.stats import Z95
+from lda.experiments.stats import Z95, chi2_sf
+
+MISFIT_P = 0.05
 
 
 def _logit_point(hits: int, total: int) -> tuple[float, float]:
@@ -35,8 +45,11 @@ def extrapolate_alpha0(summary: Sequence[Mapping[str, Any]], z: float = Z95) -> 
 
     Needs plain conditions at two or more distinct alphas > 0 with samples; detectors without them
     are left out. Each entry: detector, alphas (used in the fit), rate, ci95, slope (logit per unit
-    alpha), measured (the plain alpha-0 rate or None), measured_ci95, error (rate - measured) and
-    within_ci (whether the measured rate lies inside the extrapolation's interval).
+    alpha), chi2 / df / fit_p (the line's residual chi-square, its degrees of freedom and p-value;
+    p None when df is 0), misfit (fit_p < MISFIT_P; None when df is 0), ci_scale (the factor the
+    interval's half-width on the logit scale was widened by, >= 1), measured (the plain alpha-0
+    rate or None), measured_ci95, error (rate - measured) and within_ci (whether the measured rate
+    lies inside the extrapolation's interval).
     """
     plain: dict[str, list[Mapping[str, Any]]] = {}
     for row in summary:
@@ -54,7 +67,11 @@ def extrapolate_alpha0(summary: Sequence[Mapping[str, Any]], z: float = Z95) -> 
         sxx = sum((x - x_mean) ** 2 / v for x, _, v in points)
         slope = sum((x - x_mean) * (y - y_mean) / v for x, y, v in points) / sxx
         intercept = y_mean - slope * x_mean
-        se = math.sqrt(1 / weight + x_mean**2 / sxx)  # standard error of the fit at alpha 0
+        chi2 = sum((y - intercept - slope * x) ** 2 / v for x, y, v in points)
+        df = len(points) - 2
+        fit_p = chi2_sf(chi2, df) if df > 0 else None
+        ci_scale = max(1.0, math.sqrt(chi2 / df)) if df > 0 else 1.0
+        se = ci_scale * math.sqrt(1 / weight + x_mean**2 / sxx)  # standard error of the fit at alpha 0
         lo, hi = _expit(intercept - z * se), _expit(intercept + z * se)
         rate = _expit(intercept)
         zero = next((r for r in rows if r["alpha"] == 0), None)
@@ -66,6 +83,11 @@ def extrapolate_alpha0(summary: Sequence[Mapping[str, Any]], z: float = Z95) -> 
                 "rate": rate,
                 "ci95": [lo, hi],
                 "slope": slope,
+                "chi2": chi2,
+                "df": df,
+                "fit_p": fit_p,
+                "misfit": fit_p < MISFIT_P if fit_p is not None else None,
+                "ci_scale": ci_scale,
                 "measured": measured,
                 "measured_ci95": zero["ci95"] if zero else None,
                 "error": rate - measured if measured is not None else None,

@@ -57,6 +57,29 @@ def rate_ratio(h1: int, n1: int, h0: int, n0: int, z: float = Z95) -> tuple[floa
     return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
 
 
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for a chi-square variable with integer `df` >= 1 degrees of freedom.
+
+    Closed forms of the regularized upper incomplete gamma at half-integer shapes (no scipy here):
+    even df is a Poisson tail sum, odd df adds terms to the df=1 case erfc(sqrt(x/2)).
+    """
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if x <= 0:
+        return 1.0
+    h = x / 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for i in range(1, df // 2):
+            term *= h / i
+            total += term
+        return min(1.0, math.exp(-h) * total)
+    total = math.erfc(math.sqrt(h))
+    for i in range(1, (df - 1) // 2 + 1):
+        total += math.exp((i - 0.5) * math.log(h) - h - math.lgamma(i + 0.5))
+    return min(1.0, total)
+
+
 def two_proportion_p(h1: int, n1: int, h0: int, n0: int) -> float:
     """Two-sided p of the pooled two-proportion z test (= chi-square, 1 df, no continuity correction)."""
     if n1 == 0 or n0 == 0:
