@@ -23,6 +23,8 @@ from app.experiments_lens.jobs import Runner
 from app.experiments_lens.router import router as experiments_router
 from app.lda_lens.router import router as lda_router
 from app.loader import load_pair
+from app.openai_lens.router import router as openai_router
+from app.openai_lens.vllm_routes import router as vllm_router
 from app.settings import Settings, get_settings
 from app.system.info import model_summaries
 from app.system.router import router as system_router
@@ -117,6 +119,8 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(amplification_router)
     app.include_router(weightdiff_router)
     app.include_router(experiments_router)
+    app.include_router(openai_router)
+    app.include_router(vllm_router)
 
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

@@ -228,6 +228,19 @@ class Amplifier:
             "written by /v1/compile_and_load_amplification last while their folder does: compile it again)",
         )
 
+    def written_names(self) -> list[str]:
+        """The lora_names with a compiled folder (written by /v1/compile_and_load_amplification)."""
+        if not self.compiled_dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.compiled_dir.glob(f"*/{COMPILED_CONFIG}"))
+
+    def written_exists(self, lora_name: str) -> bool:
+        try:
+            confined(self.compiled_dir / lora_name / COMPILED_CONFIG, [self.compiled_dir])
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return True
+
     def _recompile_written(self, lora_name: str) -> Compiled | None:
         """The config of a compiled folder compiled again (and its folder rewritten); None without one."""
         try:

@@ -14,6 +14,7 @@ from amplification import AdapterNotFound
 from lda import IncompatibleTokenizersError
 
 from app.engine import QueueFullError
+from app.openai_lens.models import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -26,33 +27,63 @@ class NotReadyError(RuntimeError):
     """Models are still loading (or failed to load)."""
 
 
+# vLLM's OpenAI-compatible routes (and its tokenizer routes) answer invalid input with 400, as
+# OpenAI clients expect; the native routes keep FastAPI's 422. The toolkit's compile route is
+# native in behaviour (its clients were written against this service's 422s).
+OPENAI_EXACT = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
+NATIVE_V1 = frozenset({"/v1/compile_and_load_amplification"})
+
+
+def openai_route(path: str) -> bool:
+    return path in OPENAI_EXACT or (path.startswith("/v1/") and path not in NATIVE_V1)
+
+
 def error_response(
-    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    """OpenAI's error shape: `param` names the offending field, `code` a machine-readable reason."""
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The message naming every bad field, and the first field's path (OpenAI's `param`)."""
+    parts, params = [], []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
+        params.append(loc)
+    return "; ".join(parts) or "invalid request", next((p for p in params if p), None)
+
+
+def _invalid_status(request: Request) -> int:
+    return 400 if openai_route(request.url.path) else 422
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(exc), "invalid_request_error")
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(_invalid_status(request), message, "invalid_request_error", param=param)
+
+    @app.exception_handler(ModelNotFoundError)
+    async def _no_model(_: Request, exc: ModelNotFoundError) -> JSONResponse:
+        return error_response(404, str(exc), "invalid_request_error", param="model", code="model_not_found")
 
     @app.exception_handler(ValueError)
-    async def _value(_: Request, exc: ValueError) -> JSONResponse:
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
         if isinstance(exc, AdapterNotFound):
             return error_response(404, str(exc), "not_found")
         if isinstance(exc, IncompatibleTokenizersError):
             return error_response(409, str(exc), "incompatible_models")
-        return error_response(422, str(exc), "invalid_request_error")
+        param = getattr(exc, "param", None)
+        return error_response(_invalid_status(request), str(exc), "invalid_request_error", param=param)
 
     @app.exception_handler(FileNotFoundError)
     async def _missing(_: Request, exc: FileNotFoundError) -> JSONResponse:
