@@ -50,24 +50,43 @@ class AdapterSource:
 
     @torch.no_grad()
     def _forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        every_position: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.rows = input_ids.shape[0]
+        rows = input_ids.shape[0]
+        if not every_position:
+            self.rows = rows
+        # The hooks read `self.rows`; scoring must not change the decode's, so it swaps its own in.
+        kept, self.rows = self.rows, rows
         handles = [m.register_forward_hook(self._hook(t)) for m, t in self.terms.items()]
         try:
             out = self.model(
                 input_ids=torch.cat([input_ids, input_ids]),
                 attention_mask=torch.cat([attention_mask, attention_mask]),
                 position_ids=torch.cat([position_ids, position_ids]),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
+                past_key_values=None if every_position else self.cache,
+                use_cache=not every_position,
+                logits_to_keep=0 if every_position else 1,
             )
         finally:
             for h in handles:
                 h.remove()
-        logits = out.logits[:, -1, : self.width].float()  # [2B, V]
-        return logits[: self.rows], logits[self.rows :]
+            if every_position:
+                self.rows = kept
+        if every_position:
+            logits = out.logits[..., : self.width].float()  # [2B, T, V]
+        else:
+            logits = out.logits[:, -1, : self.width].float()  # [2B, V]
+        return logits[:rows], logits[rows:]
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at every position, [B, T, V] each, without touching the cache."""
+        return self._forward(input_ids, attention_mask, position_ids, every_position=True)
 
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor

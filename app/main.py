@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.load_error = None
     app.state.job_tasks = set()
     app.state.open_streams = 0
+    app.state.started_at = time.time()  # /v1/models' `created`
     app.state.job_cancels = {}
     install_error_handlers(app)
     app.include_router(system_router)

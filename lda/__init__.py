@@ -4,6 +4,7 @@ from lda.compat import IncompatibleTokenizersError, TokenizerCompatibility, chec
 from lda.decode import DecodeConfig, LogitsSource, Row, RowOutput, TokenEvent, TokenLogprobs, collect, decode
 from lda.loading import LoadConfig, load_model, load_tokenizer, resolve_device, resolve_dtype
 from lda.pair import LDAModelPair, LDAResult, Side, format_prompt
+from lda.score import prompt_logprobs
 from lda.sampling import SamplingParams, logit_diff, logits_to_probs, sample
 from lda.source import ModelSource
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_tokenizer",
     "logit_diff",
     "logits_to_probs",
+    "prompt_logprobs",
     "resolve_device",
     "resolve_dtype",
     "sample",

@@ -56,20 +56,27 @@ class DecodeConfig:
     stop: tuple[str, ...] = ()
     details: bool = False
     pad_id: int = 0
+    top_logprobs: int = 0  # with details: also the k most likely tokens of the amplified distribution
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
 
 
 @dataclass(frozen=True)
 class TokenLogprobs:
+    """A token's log-probability under each distribution (before temperature, top-k and top-p, as
+    OpenAI's and vLLM's logprobs are) and, when asked, the most likely tokens of the amplified one."""
+
     token_id: int
     after: float
     before: float | None
     amplified: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, amplified logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class TokenEvent:
     row: int
     token_id: int
     text: str
+    logprobs: TokenLogprobs | None = None  # with `details`
 
 
 @dataclass
@@ -242,13 +250,17 @@ class _RowState:
         )
 
 
-def _logprobs(
-    token: int, i: int, after: torch.Tensor, before: torch.Tensor | None, amplified: torch.Tensor
+def token_logprobs(
+    token: int, after: torch.Tensor, before: torch.Tensor | None, amplified: torch.Tensor, top: int = 0
 ) -> TokenLogprobs:
-    def lp(t: torch.Tensor) -> float:
-        return float(t[i].float().log_softmax(-1)[token])
-
-    return TokenLogprobs(token, lp(after), None if before is None else lp(before), lp(amplified))
+    """Logprobs of `token` from one position's [V] logits of each distribution."""
+    amp = amplified.float().log_softmax(-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(amp, min(top, amp.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    before_lp = None if before is None else float(before.float().log_softmax(-1)[token])
+    return TokenLogprobs(token, float(after.float().log_softmax(-1)[token]), before_lp, float(amp[token]), best)
 
 
 def prefill_rows(
@@ -317,12 +329,16 @@ def decode(
             token = sample(amplified[i], config.sampling, generators[row])
             state.generated += 1
             if state.logprobs is not None:
-                state.logprobs.append(_logprobs(token, i, after, before, amplified))
+                state.logprobs.append(
+                    token_logprobs(
+                        token, after[i], None if before is None else before[i], amplified[i], config.top_logprobs
+                    )
+                )
             if token in config.eos_ids:
                 yield state.output("eos")
                 continue
             text, hit_stop = state.tracker.push(token)
-            yield TokenEvent(row, token, text)
+            yield TokenEvent(row, token, text, state.logprobs[-1] if state.logprobs else None)
             if hit_stop:
                 yield state.output("stop")
             elif state.generated >= config.max_new_tokens:

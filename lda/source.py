@@ -31,7 +31,11 @@ class ModelSource:
 
     @torch.no_grad()
     def _forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        every_position: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = []
         for model, cache in zip(self.models, self.caches):
@@ -40,12 +44,21 @@ class ModelSource:
                 input_ids=input_ids.to(dev),
                 attention_mask=attention_mask.to(dev),
                 position_ids=position_ids.to(dev),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
+                past_key_values=None if every_position else cache,
+                use_cache=not every_position,
+                logits_to_keep=0 if every_position else 1,
             )
-            logits.append(out.logits[:, -1, : self.width].float().to(self.device))  # [B, V]
+            if every_position:
+                logits.append(out.logits[..., : self.width].float().to(self.device))  # [B, T, V]
+            else:
+                logits.append(out.logits[:, -1, : self.width].float().to(self.device))  # [B, V]
         return logits[0], (logits[1] if len(logits) > 1 else None)
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at every position, [B, T, V], without touching the caches (a prompt's own logprobs)."""
+        return self._forward(input_ids, attention_mask, position_ids, every_position=True)
 
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor

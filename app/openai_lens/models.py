@@ -22,6 +22,14 @@ Kind = Literal["after", "before", "lda", "adapter"]
 LDA = "lda"
 
 
+class ParamError(ValueError):
+    """Invalid input in one field: a 400 whose OpenAI `param` names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ModelNotFoundError(LookupError):
     """No lens has this id: answered 404 with `code: model_not_found`."""
 
@@ -44,9 +52,9 @@ def parse_alpha(text: str, model: str) -> float:
     try:
         alpha = float(text)
     except ValueError:
-        raise ValueError(f"model {model!r}: alpha {text!r} is not a number (e.g. lda@2, lda@-0.5)") from None
+        raise ParamError(f"model {model!r}: alpha {text!r} is not a number (e.g. lda@2, lda@-0.5)", "model") from None
     if not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
-        raise ValueError(f"model {model!r}: alpha must be a finite number in [-{MAX_ALPHA:g}, {MAX_ALPHA:g}]")
+        raise ParamError(f"model {model!r}: alpha must be a finite number in [-{MAX_ALPHA:g}, {MAX_ALPHA:g}]", "model")
     return alpha
 
 
