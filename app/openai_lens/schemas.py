@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.api.schemas import FiniteFloat, StopString
 from app.lda_lens.schemas import Alpha
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI allows 5 (completions) and 20 (chat)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+# Keys of apply_chat_template itself: chat_template_kwargs may only add variables for the template.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+     "chat_template", "return_dict", "return_tensors", "tools", "documents"}
+)  # fmt: skip
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
+    if reserved:
+        raise ValueError(f"{reserved} are fields of the request or of the server, not template variables")
+    return kwargs
 
 
 class StreamOptions(BaseModel):
@@ -138,6 +152,8 @@ class ChatCompletionRequest(OpenAIFields):
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's
+
+    _kwargs = field_validator("chat_template_kwargs")(check_template_kwargs)
 
     @model_validator(mode="after")
     def _chat_rules(self) -> ChatCompletionRequest:

@@ -17,7 +17,7 @@ which the engine thread reads while decoding.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends
 from fastapi.exceptions import RequestValidationError
@@ -33,33 +33,10 @@ from lda.pair import Side
 from app.amplification_lens.amplifier import Amplifier
 from app.api.deps import AmplifierDep, EngineDep, PairDep
 from app.api.schemas import ERRORS, not_found
-from app.openai_lens.models import LDA, adapter_exists, resolve, text_side
+from app.openai_lens.models import LDA, ParamError, adapter_exists, resolve, text_side
+from app.openai_lens.schemas import ChatMessage, check_template_kwargs
 
 router = APIRouter()
-
-# Keys of apply_chat_template itself: chat_template_kwargs may only add variables for the template.
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    {
-        "conversation",
-        "messages",
-        "tokenize",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template",
-        "return_dict",
-        "return_tensors",
-        "tools",
-        "documents",
-    }
-)
-
-
-def _param_error(message: str, param: str) -> ValueError:
-    """A ValueError the error handler answers as a 400 with OpenAI's `param` naming the field."""
-    exc = ValueError(message)
-    exc.param = param  # type: ignore[attr-defined]
-    return exc
-
 
 # --- bodies -------------------------------------------------------------------------------------
 
@@ -86,31 +63,6 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: int | None = Field(None, description="vLLM's numeric id; ignored (names are unique here)")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-    text: str
-
-
-class TokenizeMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: str = Field(min_length=1)
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def template_message(self) -> dict[str, Any]:
-        """The dict a chat template reads; OpenAI's content parts joined as one string."""
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
 class TokenizeCompletionRequest(BaseModel):
     """vLLM's completion form: a text as /v1/completions would encode it (BOS added by default)."""
 
@@ -128,7 +80,7 @@ class TokenizeChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="picks the tokenizer as it picks the lens; default after")
-    messages: list[TokenizeMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     # The template writes its own BOS; adding special tokens on top would double it (vLLM's default).
@@ -136,19 +88,14 @@ class TokenizeChatRequest(BaseModel):
     return_token_strs: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
-        if reserved:
-            raise ValueError(f"{reserved} are fields of the request or of the server, not template variables")
-        return kwargs
+    _kwargs = field_validator("chat_template_kwargs")(check_template_kwargs)
 
     @model_validator(mode="after")
     def _one_ending(self) -> TokenizeChatRequest:
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(
-                "continue_final_message cannot be used with add_generation_prompt (send add_generation_prompt: false)"
+                "continue_final_message cannot be used with add_generation_prompt "
+                "(send add_generation_prompt: false)"
             )
         return self
 
@@ -205,17 +152,16 @@ def tokenize_request(body: Annotated[dict[str, Any], Body()]) -> TokenizeRequest
 def check_lora_name(name: str, replace: bool, pair: LDAModelPair, amp: Amplifier) -> None:
     """Refuse a name `model` could never reach, or one already taken (vLLM refuses those too)."""
     if name in ("after", "before", LDA, pair.after.model_id, pair.before.model_id):
-        raise _param_error(
-            f"lora_name {name!r} is a model id of this server; choose another name", "lora_name"
-        )
+        raise ParamError(f"lora_name {name!r} is a model id of this server; choose another name", "lora_name")
     if name in amp.registry:
         if not replace:
-            raise _param_error(
-                f"The lora adapter {name!r} has already been loaded (unload it first, or send load_inplace: true)",
+            raise ParamError(
+                f"The lora adapter {name!r} has already been loaded "
+                "(unload it first, or send load_inplace: true)",
                 "lora_name",
             )
     elif adapter_exists(name, amp):  # a compiled config's lora_name: it would shadow the adapter
-        raise _param_error(
+        raise ParamError(
             f"lora_name {name!r} is a compiled amplification's lora_name; choose another name", "lora_name"
         )
 
@@ -265,7 +211,7 @@ def max_model_len(side: Side) -> int | None:
 
 def render_chat(tokenizer: Any, req: TokenizeChatRequest) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise _param_error("this model's tokenizer has no chat template; send `prompt` instead", "messages")
+        raise ParamError("this model's tokenizer has no chat template; send `prompt` instead", "messages")
     try:
         return tokenizer.apply_chat_template(
             [m.template_message() for m in req.messages],
@@ -275,7 +221,7 @@ def render_chat(tokenizer: Any, req: TokenizeChatRequest) -> str:
             **(req.chat_template_kwargs or {}),
         )
     except TemplateError as exc:  # the template's raise_exception (e.g. an unknown role)
-        raise _param_error(f"the chat template refused the messages: {exc}", "messages") from None
+        raise ParamError(f"the chat template refused the messages: {exc}", "messages") from None
 
 
 @router.post("/tokenize", responses=not_found("model"))
@@ -303,7 +249,7 @@ def detokenize(req: DetokenizeRequest, pair: PairDep, amp: AmplifierDep) -> Deto
     # A fast tokenizer decodes an unknown id as nothing; say so rather than answer a shorter text.
     bad = next((i for i, t in enumerate(req.tokens) if t >= vocab), None)
     if bad is not None:
-        raise _param_error(
+        raise ParamError(
             f"tokens.{bad}: token id {req.tokens[bad]} is outside the vocabulary (ids 0..{vocab - 1})",
             f"tokens.{bad}",
         )
