@@ -91,6 +91,25 @@ def test_samples_reproduce_alone_through_generate_lda(client, sampled):
         assert alone.json()["results"][0]["finish_reason"] == s["finish_reason"]
 
 
+def test_chat_message_samples_reproduce_through_chat_completions(client):
+    # /generate_lda takes strings only; a sample whose prompt is a message list reproduces through
+    # /v1/chat/completions with model lda@ALPHA (lda@-1 for a control: the before model exactly,
+    # formatted by the after model's template as the experiment formats it) and the sample's seed.
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about rain."}]
+    sampling = {"temperature": 1.0, "top_p": 0.9, "top_k": 20}
+    exp_id = submit(client, prompts=[chat], alphas=[0.0, 2.0], control=True, n=3, seed=77, **sampling)
+    assert wait_status(client, exp_id)["status"] == "done"
+    samples = all_samples(client, exp_id)
+    assert len(samples) == 12 and len({s["completion"] for s in samples}) > 1
+    for s in samples:
+        alpha = s["condition"].split("alpha=")[1]
+        model = "lda@-1" if s["condition"].startswith("control") else f"lda@{alpha}"
+        r = client.post("/v1/chat/completions", json={
+            "model": model, "messages": chat, "max_tokens": 12, "seed": s["seed"], **sampling})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == s["completion"], (s["condition"], s["seed"])
+
+
 def test_summary_reports_and_sample_filters(client):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about rain."}]
     exp_id = submit(client, prompts=[*PROMPTS, chat], alphas=[0.0, 1.0, 3.0], n=4, seed=7, temperature=1.0)
