@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 
 from lda import IncompatibleTokenizersError, SamplingParams
 
-from app.api.deps import AmplifierDep, PairDep, SettingsDep, observe
+from app.api.deps import PairDep, SettingsDep, observe
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, not_found
 from app.api.streaming import run_job
