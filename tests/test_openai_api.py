@@ -267,3 +267,39 @@ def test_metrics_count_the_routes(sdk, native):
     chat(sdk, "after", max_tokens=2)
     text = native.get("/metrics").text
     assert 'route="/v1/chat/completions"' in text and 'lda_requests_total{route="/v1/models"' in text
+
+
+def test_503_while_loading_and_429_when_full_are_the_sdks_typed_errors(tiny_dirs, tmp_path, monkeypatch):
+    # In-process (the SDK over TestClient, an httpx.Client): states a live server rarely shows on cue.
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from app.engine import QueueFullError
+    from app.loader import load_pair
+    from app.main import create_app
+    from tests.test_api import make_settings, wait_ready
+
+    gate = threading.Event()
+
+    def slow_loader(settings):
+        gate.wait(30)
+        return load_pair(settings)
+
+    with TestClient(create_app(make_settings(tiny_dirs, tmp_path), loader=slow_loader)) as c:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=c, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.models.list()
+        assert err.value.status_code == 503
+        gate.set()
+        wait_ready(c)
+
+        def full(*args, **kw):
+            raise QueueFullError("the engine queue is full (4 waiting)")
+
+        monkeypatch.setattr(c.app.state.engine, "submit", full)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model="after", messages=SUN, max_tokens=2, stream=stream)
+        monkeypatch.undo()
+        assert client.chat.completions.create(model="after", messages=SUN, max_tokens=2).choices
