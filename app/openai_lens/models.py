@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lda import LDAModelPair
 from lda.pair import Side
 
+from app.amplification_lens.jobs import text_side as base_side
 from app.lda_lens.schemas import MAX_ALPHA
 
 Kind = Literal["after", "before", "lda", "adapter"]
@@ -42,10 +43,6 @@ class Lens:
     kind: Kind
     alpha: float | None = None  # lda: from the name (None: from the body)
     adapter: str | None = None  # adapter: the adapter or lora_name merged; lda: adapter mode
-
-    @property
-    def uses_before_tokenizer(self) -> bool:
-        return self.kind == "before"
 
 
 def parse_alpha(text: str, model: str) -> float:
@@ -95,6 +92,4 @@ def text_side(lens: Lens, pair: LDAModelPair, amp: Any | None) -> Side:
         return pair.before
     if lens.kind == "after" or (lens.kind == "lda" and lens.adapter is None):
         return pair.after
-    from app.amplification_lens.jobs import text_side as base_side
-
     return base_side(amp.pair)

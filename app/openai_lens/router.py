@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ from app.api.deps import PairDep, SettingsDep, observe
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, not_found
 from app.api.streaming import run_job
-from app.openai_lens.jobs import FINISH, Result, Work, completion_job, usage_body
+from app.openai_lens.jobs import FINISH, Choice, Result, Work, completion_job, usage_body
 from app.openai_lens.logprobs import chat_logprobs, completion_logprobs
 from app.openai_lens.models import Lens, ModelNotFoundError, ParamError, adapter_exists, resolve
 from app.openai_lens.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
@@ -109,28 +110,37 @@ def _work(req: OpenAIFields, settings: Settings, prompts: Any, kind: str, max_to
                 tuple(req.stop_list), seed, logprobs, **kw)  # fmt: skip
 
 
+async def _answer(
+    request: Request, req: OpenAIFields, work: Work, resolved: tuple[Lens, float, str | None], pair: Any,
+    t0: float, route: str, choice: Callable[[Result, Choice], dict[str, Any]],
+) -> Any:  # fmt: skip
+    """Run the work (or stream it) and wrap each choice's body in OpenAI's envelope."""
+    chat = route == "/v1/chat/completions"
+    usage = Usage()
+    job_fn = completion_job(work, *resolved, pair, _get_amp(request), usage)
+    rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        return await openai_stream(request, job_fn, t0, usage, route, req, rid, created, chat=chat)
+    result: Result = await run_job(request, job_fn)
+    observe(request, route, t0, usage)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": req.model, "choices": [choice(result, c) for c in result.choices],
+            "usage": usage_body(result)}  # fmt: skip
+
+
 @router.post("/v1/completions", responses=RESPONSES)
 async def completions(
     req: CompletionRequest, request: Request, pair: PairDep, settings: SettingsDep
 ) -> Any:
     """OpenAI's legacy completions (what lm-eval's `local-completions` sends): raw prompts, no template."""
     t0 = time.perf_counter()
-    amp = _get_amp(request)
-    lens, alpha, adapter = _lens(req, pair, amp)
+    resolved = _lens(req, pair, _get_amp(request))
     prompts = req.prompts
     _limits(settings, req, len(prompts), req.max_tokens)
     kind = "text" if isinstance(prompts[0], str) else "ids"
     work = _work(req, settings, prompts, kind, req.max_tokens, req.logprobs, echo=req.echo)
-    usage = Usage()
-    job_fn = completion_job(work, lens, alpha, adapter, pair, amp, usage)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if req.stream:
-        return await openai_stream(request, job_fn, t0, usage, "/v1/completions", req, rid, created, chat=False)
-    result: Result = await run_job(request, job_fn)
-    observe(request, "/v1/completions", t0, usage)
-    tok = result.side.tokenizer
-    choices = []
-    for c in result.choices:
+
+    def choice(result: Result, c: Choice) -> dict[str, Any]:
         out = c.output
         text = (result.prompt_texts[c.prompt_index] if req.echo else "") + (out.text if out else "")
         logprobs = None
@@ -138,11 +148,12 @@ async def completions(
             entries: list[Any] = list(c.prompt_logprobs or []) if req.echo else []
             entries += (out.logprobs or []) if out else []
             context = () if req.echo else c.prompt_ids
-            logprobs = completion_logprobs(tok, entries, context, c.prompt_ids[0] if req.echo else None)
-        choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                        "finish_reason": FINISH[out.finish_reason] if out else "length"})  # fmt: skip
-    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": choices, "usage": usage_body(result)}  # fmt: skip
+            first = c.prompt_ids[0] if req.echo else None
+            logprobs = completion_logprobs(result.side.tokenizer, entries, context, first)
+        return {"index": c.index, "text": text, "logprobs": logprobs,
+                "finish_reason": FINISH[out.finish_reason] if out else "length"}  # fmt: skip
+
+    return await _answer(request, req, work, resolved, pair, t0, "/v1/completions", choice)
 
 
 @router.post("/v1/chat/completions", responses=RESPONSES)
@@ -151,28 +162,21 @@ async def chat_completions(
 ) -> Any:
     """OpenAI's chat completions: messages through the lens's chat template."""
     t0 = time.perf_counter()
-    amp = _get_amp(request)
-    lens, alpha, adapter = _lens(req, pair, amp)
+    resolved = _lens(req, pair, _get_amp(request))
     _limits(settings, req, 1, req.max_new)
     messages = [m.template_message() for m in req.messages]
     top = req.top_logprobs or 0
     work = _work(req, settings, [messages], "chat", req.max_new, top if req.logprobs else None,
                  add_generation_prompt=req.add_generation_prompt,
                  template_kwargs=req.chat_template_kwargs or {})  # fmt: skip
-    usage = Usage()
-    job_fn = completion_job(work, lens, alpha, adapter, pair, amp, usage)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if req.stream:
-        return await openai_stream(request, job_fn, t0, usage, "/v1/chat/completions", req, rid, created, chat=True)
-    result: Result = await run_job(request, job_fn)
-    observe(request, "/v1/chat/completions", t0, usage)
-    tok = result.side.tokenizer
-    choices = []
-    for c in result.choices:
+
+    def choice(result: Result, c: Choice) -> dict[str, Any]:
         out = c.output
         assert out is not None  # chat always decodes at least one token
-        logprobs = chat_logprobs(tok, out.logprobs or [], c.prompt_ids, top) if req.logprobs else None
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": logprobs, "finish_reason": FINISH[out.finish_reason]})  # fmt: skip
-    return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": choices, "usage": usage_body(result)}  # fmt: skip
+        logprobs = None
+        if req.logprobs:
+            logprobs = chat_logprobs(result.side.tokenizer, out.logprobs or [], c.prompt_ids, top)
+        return {"index": c.index, "message": {"role": "assistant", "content": out.text},
+                "logprobs": logprobs, "finish_reason": FINISH[out.finish_reason]}  # fmt: skip
+
+    return await _answer(request, req, work, resolved, pair, t0, "/v1/chat/completions", choice)
