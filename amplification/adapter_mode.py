@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from amplification.merge import Plan
+from lda.cache_ops import can_repad, concat_caches, trim_left
 from lda.source import input_device, logits_width
 
 Terms = list[tuple[torch.Tensor, torch.Tensor, float]]
@@ -98,6 +99,21 @@ class AdapterSource:
         self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward(tokens, attention_mask, position_ids)
+
+    @property
+    def repaddable(self) -> bool:
+        return can_repad(self.cache)
+
+    def join(self, other: AdapterSource) -> None:
+        """Append `other`'s rows: the cache becomes [mine after; theirs after; mine before; theirs before]."""
+        a, b = self.rows, other.rows
+        first = torch.arange(2 * (a + b), device=self.device)
+        order = torch.cat([first[:a], first[2 * a : 2 * a + b], first[a : 2 * a], first[2 * a + b :]])
+        concat_caches(self.cache, other.cache, order)
+        self.rows = a + b
+
+    def trim_left(self, columns: int) -> None:
+        trim_left(self.cache, columns)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         # The cache holds [after rows; before rows]: select the same rows from both halves (an

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lda.cache_ops import join_masks, padding_columns
 from lda.sampling import SamplingParams, logit_diff, sample
 
 
@@ -287,6 +288,145 @@ def prefill_rows(
     return after[cache_rows], before, mask[cache_rows], positions[cache_rows], cache_rows
 
 
+@dataclass
+class _Live:
+    """One row in the running batch: whose it is, its text and its sampling."""
+
+    ticket: Any  # the request it belongs to (None for a plain `decode`)
+    state: _RowState
+    generator: torch.Generator
+    config: DecodeConfig
+
+
+class RunningBatch:
+    """A decode batch that rows join at step boundaries and leave as they finish (continuous
+    batching). Each row keeps its own seed, sampling, stopping and stop strings, so its tokens do
+    not depend on its neighbours: only the padding its caches carry differs, which the attention
+    mask removes.
+
+    `make_source()` gives a logits source on the same models with empty caches; every `admit`
+    after the first prefills into a fresh one and joins it to the running source (left re-padding,
+    `lda.cache_ops`). `step()` samples one token for every row and advances the batch.
+    """
+
+    def __init__(self, make_source: Any, tokenizer: Any) -> None:
+        self.make_source = make_source
+        self.tokenizer = tokenizer
+        self.source: Any = None
+        self.live: list[_Live] = []
+        self.cancelled: set[Any] = set()
+        self.cache_rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def can_join(self) -> bool:
+        return not self.live or bool(getattr(self.source, "repaddable", False))
+
+    def admit(
+        self, rows: Sequence[Row], config: DecodeConfig, ticket: Any = None, share_prefill: bool = True
+    ) -> None:
+        """Prefill `rows` (each distinct prompt once) and add them to the batch; their events carry
+        `ticket` and their index in `rows`."""
+        if not rows:
+            raise ValueError("decode needs at least one row")
+        if any(len(r.prompt_ids) == 0 for r in rows):
+            raise ValueError("every row needs at least one prompt token")
+        if not self.can_join:
+            raise ValueError("this model's caches cannot be re-padded: its rows cannot join a running batch")
+        source = self.make_source()
+        device = source.device
+        lives = [
+            _Live(ticket, _RowState(i, TextTracker(self.tokenizer, config.stop, r.prompt_ids)),
+                  _generator(r.seed, device), config)
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+        for live in lives:
+            live.state.logprobs = [] if config.details else None
+        after, before, mask, positions, cache_rows = prefill_rows(source, rows, config.pad_id, share_prefill)
+        alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
+        if not self.live:
+            self.source, self.live, self.cache_rows = source, lives, cache_rows
+            self.after, self.before, self.mask, self.alphas = after, before, mask, alphas
+            self.last_pos = positions[:, -1:]
+            return
+        # Joining: both batches' caches become one row per row first (a shared prefill expanded).
+        self._expand()
+        if cache_rows is not None:
+            source.keep_rows(cache_rows)
+        self.source.join(source)
+        self.mask = join_masks(self.mask, mask)
+        self.last_pos = torch.cat([self.last_pos, positions[:, -1:]])
+        self.alphas = torch.cat([self.alphas, alphas])
+        self.after = torch.cat([self.after, after])
+        self.before = None if before is None else torch.cat([self.before, before])
+        self.live += lives
+
+    def cancel(self, ticket: Any) -> None:
+        """Drop a request's rows at the next step (no more events for them)."""
+        self.cancelled.add(ticket)
+
+    def _expand(self) -> None:
+        if self.cache_rows is not None:
+            self.source.keep_rows(self.cache_rows)
+            self.cache_rows = None
+
+    def step(self) -> Iterator[tuple[Any, TokenEvent | RowOutput]]:
+        """Sample one token per row, yield (ticket, event)s, drop finished rows, advance the rest."""
+        if not self.live:
+            return
+        device = self.source.device
+        amplified = logit_diff(self.after, self.before, self.alphas)  # [B, V] fp32
+        keep: list[int] = []
+        next_tokens: list[int] = []
+        for i, live in enumerate(self.live):
+            if live.ticket is not None and live.ticket in self.cancelled:
+                continue
+            state, config = live.state, live.config
+            token = sample(amplified[i], config.sampling, live.generator)
+            state.generated += 1
+            if state.logprobs is not None:
+                before = None if self.before is None else self.before[i]
+                state.logprobs.append(
+                    token_logprobs(token, self.after[i], before, amplified[i], config.top_logprobs)
+                )
+            if token in config.eos_ids:
+                yield live.ticket, state.output("eos")
+                continue
+            text, hit_stop = state.tracker.push(token)
+            yield live.ticket, TokenEvent(state.row, token, text, state.logprobs[-1] if state.logprobs else None)
+            if hit_stop:
+                yield live.ticket, state.output("stop")
+            elif state.generated >= config.max_new_tokens:
+                yield live.ticket, state.output("length")
+            else:
+                keep.append(i)
+                next_tokens.append(token)
+        if not keep:
+            self.live, self.source, self.cache_rows = [], None, None
+            self.cancelled.clear()
+            return
+        if len(keep) < len(self.live):
+            self.cancelled &= {self.live[i].ticket for i in keep}  # forget requests that left
+            index = torch.tensor(keep, device=device)
+            self.cache_rows = index if self.cache_rows is None else self.cache_rows[index]
+            self.mask, self.last_pos, self.alphas = self.mask[index], self.last_pos[index], self.alphas[index]
+            self.live = [self.live[i] for i in keep]
+            columns = padding_columns(self.mask)  # rows that left may leave padding-only columns
+            if columns:
+                self._expand()
+                self.source.trim_left(columns)
+                self.mask = self.mask[:, columns:]
+        if self.cache_rows is not None:
+            # One selection drops the finished rows and expands a shared prefill to its rows.
+            self._expand()
+        tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(-1)  # [B, 1]
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=-1)
+        self.last_pos = self.last_pos + 1
+        self.after, self.before = self.source.decode_one_token(tokens, self.mask, self.last_pos)
+
+
 def decode(
     source: LogitsSource,
     tokenizer: Any,
@@ -306,61 +446,11 @@ def decode(
         share_prefill: prefill each distinct prompt once (False: once per row, the old way,
             kept as the benchmark's baseline).
     """
-    if not rows:
-        raise ValueError("decode needs at least one row")
-    if any(len(r.prompt_ids) == 0 for r in rows):
-        raise ValueError("every row needs at least one prompt token")
-    device = source.device
-    generators = [_generator(r.seed, device) for r in rows]
-    alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
-    states = [_RowState(i, TextTracker(tokenizer, config.stop, r.prompt_ids)) for i, r in enumerate(rows)]
-    for s in states:
-        s.logprobs = [] if config.details else None
-    active = list(range(len(rows)))  # batch position -> row index
-
-    after, before, mask, positions, cache_rows = prefill_rows(source, rows, config.pad_id, share_prefill)
-    last_pos = positions[:, -1:]  # [B, 1]
-    for _ in range(config.max_new_tokens):
-        amplified = logit_diff(after, before, alphas)  # [B, V] fp32
-        keep: list[int] = []
-        next_tokens: list[int] = []
-        for i, row in enumerate(active):
-            state = states[row]
-            token = sample(amplified[i], config.sampling, generators[row])
-            state.generated += 1
-            if state.logprobs is not None:
-                state.logprobs.append(
-                    token_logprobs(
-                        token, after[i], None if before is None else before[i], amplified[i], config.top_logprobs
-                    )
-                )
-            if token in config.eos_ids:
-                yield state.output("eos")
-                continue
-            text, hit_stop = state.tracker.push(token)
-            yield TokenEvent(row, token, text, state.logprobs[-1] if state.logprobs else None)
-            if hit_stop:
-                yield state.output("stop")
-            elif state.generated >= config.max_new_tokens:
-                yield state.output("length")
-            else:
-                keep.append(i)
-                next_tokens.append(token)
-        if not keep:
-            return
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache_rows = index if cache_rows is None else cache_rows[index]
-            mask, last_pos, alphas = mask[index], last_pos[index], alphas[index]
-            active = [active[i] for i in keep]
-        if cache_rows is not None:
-            # One selection drops the finished rows and expands a shared prefill to its rows.
-            source.keep_rows(cache_rows)
-            cache_rows = None
-        tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(-1)  # [B, 1]
-        mask = torch.cat([mask, torch.ones_like(tokens)], dim=-1)
-        last_pos = last_pos + 1
-        after, before = source.decode_one_token(tokens, mask, last_pos)
+    batch = RunningBatch(lambda: source, tokenizer)  # admits once: the given source is the batch's
+    batch.admit(rows, config, share_prefill=share_prefill)
+    while batch:
+        for _, event in batch.step():
+            yield event
 
 
 def collect(events: Iterator[TokenEvent | RowOutput], n_rows: int) -> list[RowOutput]:

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from lda.cache_ops import can_repad, concat_caches, trim_left
+
 
 def input_device(model: Any) -> torch.device:
     """The device a model's input ids must be on (the embedding's, also under device_map)."""
@@ -70,6 +72,20 @@ class ModelSource:
         self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._forward(tokens, attention_mask, position_ids)
+
+    @property
+    def repaddable(self) -> bool:
+        """Whether other rows can join this batch (full-attention caches only)."""
+        return all(can_repad(c) for c in self.caches)
+
+    def join(self, other: ModelSource) -> None:
+        """Append `other`'s rows (prefilled on the same models) to this batch, left re-padded."""
+        for mine, theirs in zip(self.caches, other.caches):
+            concat_caches(mine, theirs)
+
+    def trim_left(self, columns: int) -> None:
+        for cache in self.caches:
+            trim_left(cache, columns)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         # `reorder_cache` is an `index_select` per layer (on each layer's device): it copies, so a

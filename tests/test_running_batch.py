@@ -1,0 +1,106 @@
+"""Continuous batching in the library: rows that join a running batch at step boundaries, or leave
+it, decode exactly what they decode alone (greedy and seeded; two models, adapter mode, and a pair
+whose logits widths differ)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lda import DecodeConfig, Row, SamplingParams, collect, decode
+from lda.cache_ops import padding_columns
+from lda.decode import RunningBatch
+from lda.source import ModelSource
+from tests.test_shared_prefill import LOGPROB_ATOL, adapter_setup  # noqa: F401  (fixture)
+from tests.tiny import tiny_llama
+
+GREEDY = SamplingParams(0.0)
+HOT = SamplingParams(1.0, top_k=50, top_p=0.9)
+
+
+@pytest.fixture(params=["two_models", "adapter_mode", "wider_before"])
+def make_source(request, pair, adapter_setup, tokenizer):  # noqa: F811
+    """A fresh LogitsSource (empty caches, same models) per call."""
+    if request.param == "two_models":
+        return lambda: ModelSource(pair.after.model, pair.before.model)
+    if request.param == "wider_before":
+        # 64 padding rows in the before model's embeddings: logits widths differ, the shared width is used.
+        wide = tiny_llama(tokenizer, seed=9, vocab_size=len(tokenizer) + 64)
+        width = len(tokenizer)
+        return lambda: ModelSource(pair.after.model, wide, width)
+    from amplification.adapter_mode import AdapterSource
+
+    base, plan = adapter_setup
+    return lambda: AdapterSource(base, plan)
+
+
+def requests(tokenizer):
+    eos = frozenset({tokenizer.eos_token_id})
+
+    def ids(text):
+        return tuple(tokenizer(text)["input_ids"])
+
+    long = ids("What should I do if I feel bored today? Tell me everything about it, please.")
+    return {
+        "A": ([Row(ids("Hello world"), 1.0), Row(long, 1.0)], DecodeConfig(12, GREEDY, eos)),
+        "B": ([Row(ids("What is a cat?"), 2.0, 5), Row(ids("What is a cat?"), 2.0, 6), Row(long, 0.5, 7)],
+              DecodeConfig(8, HOT, eos, stop=("e t",))),
+        "C": ([Row(ids("Hi"), 0.5, 11)], DecodeConfig(10, HOT, eos, details=True, top_logprobs=3)),
+    }  # fmt: skip
+
+
+def alone(make_source, tokenizer, reqs):
+    return {name: collect(decode(make_source(), tokenizer, rows, cfg), len(rows)) for name, (rows, cfg) in reqs.items()}
+
+
+def joined(make_source, tokenizer, reqs, admit_at, cancel=None):
+    """Run the requests through one RunningBatch, admitting request k after `admit_at[k]` steps."""
+    batch = RunningBatch(make_source, tokenizer)
+    outputs = {name: [None] * len(rows) for name, (rows, _) in reqs.items()}
+    events = {name: 0 for name in reqs}
+    steps, pending = 0, dict(admit_at)
+    while pending or batch:
+        for name, at in list(pending.items()):
+            if steps >= at and batch.can_join:
+                rows, cfg = reqs[name]
+                batch.admit(rows, cfg, ticket=name)
+                del pending[name]
+        if cancel and steps == cancel[1]:
+            batch.cancel(cancel[0])
+        for ticket, event in batch.step():
+            events[ticket] += 1
+            if hasattr(event, "finish_reason"):
+                outputs[ticket][event.row] = event
+        if batch:
+            assert padding_columns(batch.mask) == 0  # columns no row uses are trimmed
+            assert batch.mask.shape[0] == len(batch.live)
+        steps += 1
+    return outputs, events
+
+
+def same(a, b):
+    assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+    if a.logprobs is not None:
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert x.amplified == pytest.approx(y.amplified, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("admit_at", [{"A": 0, "B": 0, "C": 0}, {"A": 0, "B": 2, "C": 5}, {"C": 0, "A": 3, "B": 4}])
+def test_rows_joining_a_running_batch_decode_as_alone(make_source, tokenizer, admit_at):
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, reqs)
+    got, _ = joined(make_source, tokenizer, reqs, admit_at)
+    for name in reqs:
+        for a, b in zip(got[name], expected[name]):
+            same(a, b)
+    assert {o.finish_reason for outs in expected.values() for o in outs} >= {"length"}
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_unchanged(make_source, tokenizer):
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, reqs)
+    got, events = joined(make_source, tokenizer, reqs, {"A": 0, "B": 1, "C": 2}, cancel=("B", 3))
+    assert events["B"] < sum(len(o.token_ids) + 1 for o in expected["B"])  # B stopped early
+    for name in ("A", "C"):
+        for a, b in zip(got[name], expected[name]):
+            same(a, b)
