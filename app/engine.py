@@ -8,11 +8,14 @@ piling up latency. Every job gets a cancel flag that long work checks between st
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from app.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,19 @@ class Job:
 
 
 class Engine:
-    """A bounded FIFO of jobs run one at a time on a dedicated thread."""
+    """A bounded FIFO of jobs on a dedicated thread. A plain job runs whole; a generator job hands
+    its decode rows to the scheduler's running batches (continuous batching) and resumes when they
+    are out, so many requests decode together while plain jobs run between steps."""
 
-    def __init__(self, queue_size: int, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self, queue_size: int, on_change: Callable[[int, int], None] | None = None, max_batch_rows: int = 256
+    ) -> None:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._on_change = on_change or (lambda waiting, running: None)
-        self.running = 0
+        self.running = 0  # requests on the engine: the plain job running plus those in batches
+        self._current: Job | None = None
+        self.scheduler = Scheduler(max_batch_rows)
 
     @property
     def waiting(self) -> int:
@@ -119,19 +128,68 @@ class Engine:
             yield item
 
     def _work(self) -> None:
+        stopping = False
         while True:
-            job = self._queue.get()
-            if job is None:
+            if stopping and not self.scheduler.busy:
                 return
-            if job.cancelled:
-                job._settle(error=asyncio.CancelledError())
-                continue
-            self.running = 1
-            self._on_change(self.waiting, self.running)
             try:
-                job._settle(result=job.fn(job))
-            except BaseException as exc:  # handed to the awaiting request, never kills the worker
-                job._settle(error=exc)
-            finally:
-                self.running = 0
-                self._on_change(self.waiting, self.running)
+                job = self._queue.get(block=not self.scheduler.busy) if not stopping else None
+            except queue.Empty:
+                job = None
+            else:
+                if job is None:
+                    stopping = True  # drain: the batches in flight finish, nothing new starts
+            if job is not None:
+                self._start(job)
+            if self.scheduler.busy:
+                for item in self.scheduler.step():
+                    self._resume(item.job, item.resume, item)
+            self._changed()
+
+    def _changed(self) -> None:
+        self.running = int(self._current is not None) + self.scheduler.jobs
+        self._on_change(self.waiting, self.running)
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled:
+            job._settle(error=asyncio.CancelledError())
+            return
+        self._current = job
+        self._changed()
+        try:
+            result = job.fn(job)
+        except BaseException as exc:  # handed to the awaiting request, never kills the worker
+            job._settle(error=exc)
+            return
+        finally:
+            self._current = None
+        if inspect.isgenerator(result):
+            self._resume(job, result, None)
+        else:
+            job._settle(result=result)
+
+    def _resume(self, job: Job, gen: Any, item: Any) -> None:
+        """Run a generator job to its next BatchWork (queued with the scheduler) or its end."""
+        self._current = job
+        try:
+            while True:
+                if item is None:
+                    work = next(gen)
+                elif getattr(item, "error", None) is not None:
+                    work = gen.throw(item.error)
+                else:
+                    work = gen.send(item.outputs)
+                ended = self.scheduler.submit(job, gen, work)
+                mine = next((e for e in ended if e.resume is gen), None)
+                for other in ended:  # works of other jobs that ended while admitting (cancelled)
+                    if other is not mine:
+                        self._resume(other.job, other.resume, other)
+                if mine is None:
+                    return  # in a batch (or waiting for room): resumed when its rows are out
+                item = mine  # ended at once: cancelled, or its prefill failed
+        except StopIteration as stop:
+            job._settle(result=stop.value)
+        except BaseException as exc:  # handed to the awaiting request, never kills the worker
+            job._settle(error=exc)
+        finally:
+            self._current = None

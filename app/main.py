@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = Engine(settings.queue_size, metrics.engine_changed)
+    app.state.engine = Engine(settings.queue_size, metrics.engine_changed, settings.max_batch_rows)
     app.state.pair = None
     app.state.amplifier = None
     app.state.demo = None

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_rows_per_request: int = Field(1024, ge=1, description="prompts x alphas x n per request")
+    max_batch_rows: int = Field(
+        256, ge=1, description="rows decoding together in a running batch (requests join at step boundaries)"
+    )
     max_batch_tokens: int = Field(
         64 * 2048,
         ge=1,

@@ -14,7 +14,7 @@ from lda.source import ModelSource
 from app.amplification_lens.amplifier import Amplifier, Compiled
 from app.amplification_lens.schemas import AmplificationGenerateRequest
 from app.api.chunking import chunked_events, plan_chunks
-from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
+from app.api.generation import BatchTarget, Usage, base_seed, emit_text, row_body, run_events, sampling_params
 from app.engine import Job
 from app.lda_lens.jobs import Decoder
 from app.lda_lens.schemas import LDARequest
@@ -25,6 +25,14 @@ def text_side(pair: LDAModelPair) -> Side:
     return pair.after if pair.compatibility.compatible else pair.before
 
 
+def adapter_target(amp: Amplifier, compiled: Compiled) -> BatchTarget:
+    """Adapter-mode rows of one compiled config share a running batch (same adapters, same tables)."""
+    plan = amp.plan(compiled)
+    side = text_side(amp.pair)
+    key = ("adapter", id(amp.model), compiled.content_hash, tuple(map(id, compiled.adapters)), id(side.tokenizer))
+    return BatchTarget(key, lambda: AdapterSource(amp.model, plan), side.tokenizer)
+
+
 def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
     """Adapter-mode LDA: after = base + (amplified) adapter, before = base, one forward."""
 
@@ -32,12 +40,10 @@ def adapter_decoder(amp: Amplifier, req: LDARequest) -> Callable[[], Decoder]:
         reference = req.amplification if req.amplification is not None else req.adapter
         with field_path("amplification" if req.amplification is not None else "adapter"):
             compiled = amp.lookup(reference)  # type: ignore[arg-type]
-        source = AdapterSource(amp.model, amp.plan(compiled))
-        side = text_side(amp.pair)
         base = amp.pair.before.model_id
         return Decoder(
-            side,
-            lambda rows, config: decode(source, side.tokenizer, rows, config),
+            text_side(amp.pair),
+            adapter_target(amp, compiled),
             f"{base}+{compiled.lora_name}",
             base,
             (amp.model,),

@@ -3,16 +3,18 @@ request, seeds, and draining a decode while forwarding its events and checking t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lda import RowOutput, SamplingParams, TokenEvent
+from lda import DecodeConfig, Row, RowOutput, SamplingParams, TokenEvent
 
 from app.api.schemas import SamplingFields
 from app.engine import Job
+from app.scheduler import BatchWork
 
 
 @dataclass
@@ -52,6 +54,43 @@ def run_events(
         if job.cancelled:
             events.close()  # type: ignore[attr-defined]
             return None
+    return outputs  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BatchTarget:
+    """Where rows decode in the engine's running batches: rows with equal keys share a batch."""
+
+    key: Hashable
+    make_source: Callable[[], Any]
+    tokenizer: Any
+
+
+def in_batches(
+    target: BatchTarget,
+    rows: Sequence[Row],
+    config: DecodeConfig,
+    usage: Usage,
+    on_event: Callable[[Any], None],
+    chunks: Sequence[range] | None = None,
+) -> Generator[BatchWork, Any, list[RowOutput] | None]:
+    """Decode rows in the engine's running batch, chunk after chunk (`yield from` it in a job);
+    events and outputs carry global row indices. None when the job was cancelled part-way."""
+    outputs: list[RowOutput | None] = [None] * len(rows)
+    for chunk in chunks or [range(len(rows))]:
+
+        def forward(event: Any, offset: int = chunk.start) -> None:
+            if isinstance(event, TokenEvent):
+                if usage.first_token_at is None:
+                    usage.first_token_at = time.perf_counter()
+                usage.tokens += 1
+            on_event(dataclasses.replace(event, row=event.row + offset))
+
+        part = yield BatchWork(target.key, target.make_source, target.tokenizer, [rows[i] for i in chunk], config, forward)
+        if part is None:
+            return None
+        for out in part:
+            outputs[out.row + chunk.start] = dataclasses.replace(out, row=out.row + chunk.start)
     return outputs  # type: ignore[return-value]
 
 

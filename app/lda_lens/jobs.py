@@ -6,15 +6,16 @@ emits stream events, checks the cancel flag between tokens, and builds the respo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from lda import LDAModelPair, Row, RowOutput, Side, TokenEvent
+from lda import IncompatibleTokenizersError, LDAModelPair, Row, RowOutput, Side
+from lda.source import ModelSource
 from lda.pair import check_context, readable_prompt
 
-from app.api.chunking import chunked_events, plan_chunks
-from app.api.generation import Usage, base_seed, emit_text, row_body, run_events, sampling_params
+from app.api.chunking import plan_chunks
+from app.api.generation import BatchTarget, Usage, base_seed, emit_text, in_batches, row_body, sampling_params
 from app.engine import Job
 from app.lda_lens.schemas import BATCH_ROW_FIELDS, GenerateRequest, LDABatchRequest, LDARequest
 
@@ -32,15 +33,30 @@ class Decoder:
     """Where an LDA request's logits come from: the two-model pair, or adapter mode."""
 
     side: Side  # whose tokenizer formats prompts and decodes text
-    events: Callable[[list[Row], Any], Iterator[TokenEvent | RowOutput]]
+    target: BatchTarget  # the running batch its rows join
     model_after: str
     model_before: str
     models: tuple[Any, ...]  # whose context windows bound prompt + completion
 
 
+def pair_target(pair: LDAModelPair) -> BatchTarget:
+    """Two-model LDA rows: any request's rows can share the pair's running batch."""
+    after, before, width = pair.after.model, pair.before.model, pair.compatibility.shared_width
+    key = ("lda", id(after), id(before), width, id(pair.after.tokenizer))
+    return BatchTarget(key, lambda: ModelSource(after, before, width), pair.after.tokenizer)
+
+
+def side_target(side: Side) -> BatchTarget:
+    """One model alone (`/generate`, the `after` / `before` OpenAI models)."""
+    key = ("single", id(side.model), id(side.tokenizer))
+    return BatchTarget(key, lambda: ModelSource(side.model), side.tokenizer)
+
+
 def pair_decoder(pair: LDAModelPair) -> Decoder:
+    if not pair.compatibility.compatible:
+        raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
     models = (pair.after.model, pair.before.model)
-    return Decoder(pair.after, pair.lda_events, pair.after.model_id, pair.before.model_id, models)
+    return Decoder(pair.after, pair_target(pair), pair.after.model_id, pair.before.model_id, models)
 
 
 def lda_job(
@@ -56,7 +72,7 @@ def lda_job(
     after another within this job (see `app.api.chunking`); the result is the unchunked one.
     """
 
-    def run(job: Job) -> dict[str, Any] | None:
+    def run(job: Job) -> Generator[Any, Any, dict[str, Any] | None]:
         decoder = make_decoder() if make_decoder else pair_decoder(pair)
         formatted, rows, metas = [], [], []
         seed0 = base_seed(req)
@@ -76,8 +92,7 @@ def lda_job(
             chunks = [range(len(rows))]
         else:
             chunks = plan_chunks(rows, req.max_new_tokens, max_batch_tokens)
-        events = chunked_events(lambda part: decoder.events(part, config), rows, chunks)
-        outputs = run_events(job, events, len(rows), usage, emit_text(job))
+        outputs = yield from in_batches(decoder.target, rows, config, usage, emit_text(job), chunks)
         if outputs is None:
             return None
         return lda_response(decoder, req, formatted, metas, outputs)
@@ -139,8 +154,8 @@ def lda_batch_job(
     lda_req = LDARequest(**req.model_dump())
     inner = lda_job(pair, lda_req, usage, max_batch_tokens=max_batch_tokens)
 
-    def run(job: Job) -> dict[str, Any] | None:
-        body = inner(job)
+    def run(job: Job) -> Generator[Any, Any, dict[str, Any] | None]:
+        body = yield from inner(job)
         if body is None:
             return None
         return {
@@ -159,11 +174,11 @@ def generate_job(
 ) -> Callable[[Job], dict[str, Any] | None]:
     """The engine job for `/generate`: each model alone, with its own tokenizer and template."""
 
-    def run(job: Job) -> dict[str, Any] | None:
+    def run(job: Job) -> Generator[Any, Any, dict[str, Any] | None]:
         seed = base_seed(req)
         sides: list[dict[str, Any]] = []
         for side in (pair.after, pair.before):
-            out = _single(job, pair, side, req, seed, usage)
+            out = yield from _single(job, pair, side, req, seed, usage)
             if out is None:
                 return None
             sides.append(out)
@@ -174,12 +189,11 @@ def generate_job(
 
 def _single(
     job: Job, pair: LDAModelPair, side: Side, req: GenerateRequest, seed: int, usage: Usage
-) -> dict[str, Any] | None:
+) -> Generator[Any, Any, dict[str, Any] | None]:
     formatted, ids = pair.prompt_ids(req.prompt, req.system_prompt, req.apply_chat_template, side=side)
     check_context(len(ids), req.max_new_tokens, side.model)
     config = pair.decode_config(req.max_new_tokens, sampling_params(req), req.stop, side=side)
-    events = pair.single_events(side, [Row(ids, 0.0, seed)], config)
-    outputs = run_events(job, events, 1, usage, lambda event: None)
+    outputs = yield from in_batches(side_target(side), [Row(ids, 0.0, seed)], config, usage, lambda event: None)
     if outputs is None:
         return None
     body = row_body(outputs[0], readable_prompt(side.tokenizer, formatted))

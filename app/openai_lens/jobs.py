@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from amplification import field_path, merged
-from amplification.adapter_mode import AdapterSource
 from lda import LDAModelPair, Row, RowOutput, SamplingParams, TokenEvent, TokenLogprobs, decode
 from lda.pair import Side, check_context, encode
 from lda.score import prompt_logprobs
 from lda.source import ModelSource
 
+from app.amplification_lens.jobs import adapter_target
 from app.amplification_lens.jobs import text_side as base_side
-from app.api.generation import Usage, run_events
+from app.api.generation import BatchTarget, Usage, in_batches, run_events
 from app.engine import Job
+from app.lda_lens.jobs import pair_target, side_target
 from app.openai_lens.logprobs import Pieces
 from app.openai_lens.models import Lens
 
@@ -32,12 +33,14 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI names bot
 
 @dataclass(frozen=True)
 class Target:
-    """A resolved lens: where logits come from, whose tokenizer, whose context windows."""
+    """A resolved lens: where logits come from, whose tokenizer, whose context windows, and the
+    running batch its rows join (None for a merged adapter: the weights change for its decode)."""
 
     source: Callable[[], Any]
     side: Side
     models: tuple[Any, ...]
     alpha: float
+    batch: BatchTarget | None = None
 
 
 @contextlib.contextmanager
@@ -46,20 +49,21 @@ def open_lens(lens: Lens, alpha: float, adapter: str | None, pair: LDAModelPair,
     after (also on errors and cancellation)."""
     if lens.kind in ("after", "before"):
         side = pair.after if lens.kind == "after" else pair.before
-        yield Target(lambda: ModelSource(side.model), side, (side.model,), 0.0)
+        batch = side_target(side)
+        yield Target(batch.make_source, side, (side.model,), 0.0, batch)
         return
     if lens.kind == "lda" and adapter is None:
-        width = pair.compatibility.shared_width
-        models = (pair.after.model, pair.before.model)
-        yield Target(lambda: ModelSource(*models, width), pair.after, models, alpha)
+        batch = pair_target(pair)
+        yield Target(batch.make_source, pair.after, (pair.after.model, pair.before.model), alpha, batch)
         return
     with field_path("model" if lens.adapter else "adapter"):
         compiled = amp.lookup(adapter)
-    plan = amp.plan(compiled)
     side = base_side(amp.pair)
     if lens.kind == "lda":  # adapter mode: base + adapter vs base in one forward
-        yield Target(lambda: AdapterSource(amp.model, plan), side, (amp.model,), alpha)
+        batch = adapter_target(amp, compiled)
+        yield Target(batch.make_source, side, (amp.model,), alpha, batch)
         return
+    plan = amp.plan(compiled)
     with merged(amp.model, plan):
         yield Target(lambda: ModelSource(amp.model), side, (amp.model,), 0.0)
 
@@ -133,7 +137,7 @@ def completion_job(
 ) -> Callable[[Job], Result | None]:
     """The engine job: encode, check the context, score the prompts (echo), decode the choices."""
 
-    def run(job: Job) -> Result | None:
+    def run(job: Job) -> Generator[Any, Any, Result | None]:
         with open_lens(lens, alpha, adapter, pair, amp) as target:
             texts, ids = zip(*(prompt_ids(work, target.side, i) for i in range(len(work.prompts))))
             windows = [w for m in target.models if (w := getattr(m.config, "max_position_embeddings", None))]
@@ -163,9 +167,12 @@ def completion_job(
                     max_tokens, work.sampling, work.stop, details=work.logprobs is not None, side=target.side
                 )
                 config = dataclasses.replace(config, top_logprobs=work.logprobs or 0)
-                events = decode(target.source(), target.side.tokenizer, rows, config)
                 pieces = [Pieces(target.side.tokenizer, c.prompt_ids) for c in choices]
-                outputs = run_events(job, events, len(rows), usage, forward(job, pieces))
+                if target.batch is not None:
+                    outputs = yield from in_batches(target.batch, rows, config, usage, forward(job, pieces))
+                else:  # merged weights: decoded here, whole, before anything else runs
+                    events = decode(target.source(), target.side.tokenizer, rows, config)
+                    outputs = run_events(job, events, len(rows), usage, forward(job, pieces))
                 if outputs is None:
                     return None
                 for c, out in zip(choices, outputs):
