@@ -8,6 +8,7 @@ piling up latency. Every job gets a cancel flag that long work checks between st
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import queue
@@ -20,6 +21,9 @@ from app.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 _DONE = object()
+# While requests decode, background jobs (experiment chunks, weight-diff steps) wait; one runs
+# between steps after this many steps, so a steady stream of requests cannot starve them.
+BACKGROUND_EVERY = 32
 
 
 class QueueFullError(RuntimeError):
@@ -29,8 +33,11 @@ class QueueFullError(RuntimeError):
 class Job:
     """A unit of device work plus the way back to the event loop that submitted it."""
 
-    def __init__(self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+    def __init__(
+        self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop, stream: bool, background: bool = False
+    ) -> None:
         self.fn = fn
+        self.background = background
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.events: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
@@ -73,18 +80,20 @@ class Engine:
     are out, so many requests decode together while plain jobs run between steps."""
 
     def __init__(
-        self, queue_size: int, on_change: Callable[[int, int], None] | None = None, max_batch_rows: int = 256
+        self, queue_size: int, on_change: Callable[..., None] | None = None, max_batch_rows: int = 256
     ) -> None:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self._on_change = on_change or (lambda waiting, running: None)
+        self._on_change = on_change or (lambda waiting, running, batch_rows=0: None)
         self.running = 0  # requests on the engine: the plain job running plus those in batches
+        self.batch_rows = 0  # rows in the running batches
         self._current: Job | None = None
         self.scheduler = Scheduler(max_batch_rows)
+        self._deferred: collections.deque[Job] = collections.deque()  # background jobs held back
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -100,18 +109,19 @@ class Engine:
             return
         self._thread.join(timeout)
 
-    def submit(self, fn: Callable[[Job], Any], stream: bool = False) -> Job:
-        job = Job(fn, asyncio.get_running_loop(), stream)
+    def submit(self, fn: Callable[[Job], Any], stream: bool = False, background: bool = False) -> Job:
+        """Queue a job; `background` ones (experiment chunks, training steps) yield to decoding."""
+        job = Job(fn, asyncio.get_running_loop(), stream, background)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFullError(f"the engine queue is full ({self._queue.maxsize} waiting)") from None
-        self._on_change(self.waiting, self.running)
+        self._on_change(self.waiting, self.running, self.batch_rows)
         return job
 
-    async def run(self, fn: Callable[[Job], Any]) -> Any:
+    async def run(self, fn: Callable[[Job], Any], background: bool = False) -> Any:
         """Submit and await the result; a cancelled await (client gone) cancels the job."""
-        job = self.submit(fn)
+        job = self.submit(fn, background=background)
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
@@ -129,26 +139,38 @@ class Engine:
 
     def _work(self) -> None:
         stopping = False
+        waited = 0  # decode steps the oldest deferred background job has waited
         while True:
-            if stopping and not self.scheduler.busy:
+            busy = self.scheduler.busy
+            if stopping and not busy and not self._deferred:
                 return
-            try:
-                job = self._queue.get(block=not self.scheduler.busy) if not stopping else None
-            except queue.Empty:
-                job = None
-            else:
-                if job is None:
-                    stopping = True  # drain: the batches in flight finish, nothing new starts
+            job = None
+            if not stopping:
+                try:
+                    job = self._queue.get(block=not (busy or self._deferred))
+                except queue.Empty:
+                    pass
+                else:
+                    if job is None:
+                        stopping = True  # drain: work in flight finishes, nothing new starts
+                    elif job.background and (busy or self._deferred):
+                        self._deferred.append(job)  # interactive decoding goes first
+                        job = None
+            if job is None and self._deferred and (not busy or waited >= BACKGROUND_EVERY):
+                job, waited = self._deferred.popleft(), 0  # idle, or it waited long enough
             if job is not None:
                 self._start(job)
             if self.scheduler.busy:
                 for item in self.scheduler.step():
                     self._resume(item.job, item.resume, item)
+                waited += bool(self._deferred)
             self._changed()
 
     def _changed(self) -> None:
+        """On the engine thread: publish the counts (other threads read these ints, never the scheduler)."""
         self.running = int(self._current is not None) + self.scheduler.jobs
-        self._on_change(self.waiting, self.running)
+        self.batch_rows = self.scheduler.rows
+        self._on_change(self.waiting, self.running, self.batch_rows)
 
     def _start(self, job: Job) -> None:
         if job.cancelled:

@@ -17,7 +17,10 @@ class Metrics:
             "lda_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.waiting = Gauge("lda_num_requests_waiting", "jobs queued for the engine", registry=r)
-        self.running = Gauge("lda_num_requests_running", "jobs running on the engine", registry=r)
+        self.running = Gauge(
+            "lda_num_requests_running", "requests on the engine (in running batches or running whole)", registry=r
+        )
+        self.batch_rows = Gauge("lda_num_batch_rows", "rows decoding in the running batches", registry=r)
         self.ttft = Histogram(
             "lda_time_to_first_token_seconds",
             "request arrival to first token",
@@ -35,9 +38,10 @@ class Metrics:
         self.tokens = Counter("lda_generation_tokens", "tokens generated", ["route"], registry=r)
         self.rejected = Counter("lda_queue_rejections", "requests refused with 429 (queue full)", registry=r)
 
-    def engine_changed(self, waiting: int, running: int) -> None:
+    def engine_changed(self, waiting: int, running: int, batch_rows: int = 0) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
+        self.batch_rows.set(batch_rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

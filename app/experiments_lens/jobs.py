@@ -255,7 +255,7 @@ class Runner:
         engine = self.app.state.engine
         while True:
             try:
-                job = engine.submit(fn)
+                job = engine.submit(fn, background=True)
                 break
             except QueueFullError:
                 await asyncio.sleep(0.2)

@@ -26,7 +26,7 @@ async def _on_engine(engine: Any, fn: Any) -> Any:
     """Run one engine job, waiting politely while the queue is full (training is background work)."""
     while True:
         try:
-            return await engine.run(fn)
+            return await engine.run(fn, background=True)
         except QueueFullError:
             await asyncio.sleep(0.2)
 
