@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lda import DecodeConfig, Row, RowOutput
-from lda.decode import RunningBatch
+from lda.decode import RowFailed, RunningBatch
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ class Scheduler:
                 for ticket, event in batch.step():
                     item = self.admitted.get(ticket)
                     if item is None:
+                        continue
+                    if isinstance(event, RowFailed):  # this request alone fails (its rows leave)
+                        item.error = event.error  # type: ignore[attr-defined]
+                        ended.append(self.admitted.pop(ticket))
                         continue
                     item.work.on_event(event)
                     if isinstance(event, RowOutput):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from lda.cache_ops import join_masks, padding_columns
-from lda.sampling import SamplingParams, logit_diff, sample
+from lda.sampling import NonFiniteLogitsError, SamplingParams, logit_diff, sample
 
 
 class LogitsSource(Protocol):
@@ -288,6 +288,14 @@ def prefill_rows(
     return after[cache_rows], before, mask[cache_rows], positions[cache_rows], cache_rows
 
 
+@dataclass(frozen=True)
+class RowFailed:
+    """A row of a batched request could not be decoded (its logits went non-finite)."""
+
+    row: int
+    error: Exception
+
+
 @dataclass
 class _Live:
     """One row in the running batch: whose it is, its text and its sampling."""
@@ -384,7 +392,14 @@ class RunningBatch:
             if live.ticket is not None and live.ticket in self.cancelled:
                 continue
             state, config = live.state, live.config
-            token = sample(amplified[i], config.sampling, live.generator)
+            try:
+                token = sample(amplified[i], config.sampling, live.generator)
+            except NonFiniteLogitsError as exc:
+                if live.ticket is None:
+                    raise  # a plain decode: the caller's request fails
+                self.cancelled.add(live.ticket)  # only this request fails; its other rows leave
+                yield live.ticket, RowFailed(state.row, exc)
+                continue
             state.generated += 1
             if state.logprobs is not None:
                 before = None if self.before is None else self.before[i]

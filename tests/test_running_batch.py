@@ -104,3 +104,27 @@ def test_a_cancelled_request_leaves_and_the_others_are_unchanged(make_source, to
     for name in ("A", "C"):
         for a, b in zip(got[name], expected[name]):
             same(a, b)
+
+
+def test_a_row_whose_logits_go_non_finite_fails_its_request_alone(pair, tokenizer):
+    from lda.decode import RowFailed
+
+    make_source = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, {"A": reqs["A"]})
+    bad_rows = [Row(r.prompt_ids, float("inf"), r.seed) for r in reqs["B"][0]]  # inf * (after - before)
+    batch = RunningBatch(make_source, tokenizer)
+    batch.admit(*reqs["A"], ticket="A")
+    batch.admit(bad_rows, reqs["B"][1], ticket="B")
+    got, failed = [None, None], []
+    while batch:
+        for ticket, event in batch.step():
+            if isinstance(event, RowFailed):
+                failed.append((ticket, event.row, type(event.error).__name__))
+            elif ticket == "A" and hasattr(event, "finish_reason"):
+                got[event.row] = event
+            else:
+                assert ticket == "A"  # B yields nothing but its failure
+    assert failed == [("B", 0, "NonFiniteLogitsError")]  # its other rows left with it
+    for a, b in zip(got, expected["A"]):
+        same(a, b)
