@@ -24,6 +24,8 @@ _DONE = object()
 # While requests decode, background jobs (experiment chunks, weight-diff steps) wait; one runs
 # between steps after this many steps, so a steady stream of requests cannot starve them.
 BACKGROUND_EVERY = 32
+# Jobs started (and, for decoding jobs, admitted) between two decode steps at most.
+ADMIT_PER_STEP = 64
 
 
 class QueueFullError(RuntimeError):
@@ -144,22 +146,25 @@ class Engine:
             busy = self.scheduler.busy
             if stopping and not busy and not self._deferred:
                 return
-            job = None
-            if not stopping:
+            started = 0
+            # Everything waiting joins before the next step (up to a bound, so decoding goes on):
+            # admitting one request per step would leave a full queue waiting that many steps.
+            while not stopping and started < ADMIT_PER_STEP:
                 try:
-                    job = self._queue.get(block=not (busy or self._deferred))
+                    block = started == 0 and not (self.scheduler.busy or self._deferred)
+                    job = self._queue.get(block=block)
                 except queue.Empty:
-                    pass
+                    break
+                if job is None:
+                    stopping = True  # drain: work in flight finishes, nothing new starts
+                elif job.background and (self.scheduler.busy or self._deferred):
+                    self._deferred.append(job)  # interactive decoding goes first
                 else:
-                    if job is None:
-                        stopping = True  # drain: work in flight finishes, nothing new starts
-                    elif job.background and (busy or self._deferred):
-                        self._deferred.append(job)  # interactive decoding goes first
-                        job = None
-            if job is None and self._deferred and (not busy or waited >= BACKGROUND_EVERY):
-                job, waited = self._deferred.popleft(), 0  # idle, or it waited long enough
-            if job is not None:
-                self._start(job)
+                    self._start(job)
+                    started += 1
+            if self._deferred and (not self.scheduler.busy or waited >= BACKGROUND_EVERY):
+                self._start(self._deferred.popleft())  # idle, or it waited long enough
+                waited = 0
             if self.scheduler.busy:
                 for item in self.scheduler.step():
                     self._resume(item.job, item.resume, item)
