@@ -1,4 +1,5 @@
-"""Experiments on the engine: one engine job per chunk, so interactive requests run between chunks.
+"""Experiments on the engine: one engine job per chunk, whose rows decode in the running batches
+beside interactive requests (which join at the next step, not after the chunk).
 
 A chunk's rows come grouped by condition (the spec's condition-major order); each group decodes in
 one call the way `/generate_lda` would decode it (same formatting, sampling and seed per row), so
@@ -14,26 +15,25 @@ sample i reproduces alone through `/generate_lda` with `seed` = its seed:
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from amplification import field_path
-from amplification.adapter_mode import AdapterSource
-from lda import LDAModelPair, Row, decode
-from lda.experiments import Condition, ExperimentStore, step
-from lda.experiments.runner import STOPPED
+from lda import LDAModelPair, Row
+from lda.experiments import Condition, ExperimentStore
+from lda.experiments.runner import STOPPED, step_steps
 from lda.pair import Side, check_context, encode
 from lda.source import ModelSource
 
 from app.amplification_lens.amplifier import Amplifier
-from app.amplification_lens.jobs import text_side
-from app.api.chunking import chunked_events, plan_chunks
-from app.api.generation import Usage, run_events, sampling_params
+from app.amplification_lens.jobs import adapter_target, text_side
+from app.api.chunking import plan_chunks
+from app.api.generation import BatchTarget, Usage, in_batches, sampling_params
 from app.api.schemas import SamplingFields
 from app.engine import Job, QueueFullError
+from app.lda_lens.jobs import pair_target
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,11 @@ class ChunkAborted(BaseException):
 
 @dataclass(frozen=True)
 class Lens:
-    """Where one condition's logits come from and whose tokenizer formats its prompts."""
+    """Where one condition's logits come from (the running batch its rows join) and whose
+    tokenizer formats its prompts."""
 
     side: Side
-    events: Callable[[list[Row], Any], Iterator[Any]]
+    target: BatchTarget
     models: tuple[Any, ...]
 
 
@@ -60,27 +61,20 @@ def lens_for(
 ) -> Lens:
     """The decoder of one condition; raises ValueError naming `where` for an unknown adapter or config."""
     if condition.control:
-
-        def before_alone(rows: list[Row], config: Any) -> Iterator[Any]:
-            source = ModelSource(pair.before.model, None, pair.compatibility.shared_width)
-            return decode(source, pair.after.tokenizer, rows, config)
-
-        return Lens(pair.after, before_alone, (pair.after.model, pair.before.model))
+        # The before model alone, formatted and detokenized as the after model's rows are.
+        before, width, tok = pair.before.model, pair.compatibility.shared_width, pair.after.tokenizer
+        key = ("control", id(before), width, id(tok))
+        target = BatchTarget(key, lambda: ModelSource(before, None, width), tok)
+        return Lens(pair.after, target, (pair.after.model, pair.before.model))
     if condition.adapter is None and condition.amplification is None:
-        return Lens(pair.after, pair.lda_events, (pair.after.model, pair.before.model))
+        return Lens(pair.after, pair_target(pair), (pair.after.model, pair.before.model))
     if amp is None:
         raise ValueError(f"{where}: adapters are not set up")
     field = "amplification" if condition.amplification is not None else "adapter"
     with field_path(f"{where}.{field}"):
         reference = condition.amplification if condition.amplification is not None else condition.adapter
         compiled = amp.lookup(reference)  # type: ignore[arg-type]
-    plan = amp.plan(compiled)
-    side = text_side(amp.pair)
-
-    def adapter_mode(rows: list[Row], config: Any) -> Iterator[Any]:
-        return decode(AdapterSource(amp.model, plan), side.tokenizer, rows, config)
-
-    return Lens(side, adapter_mode, (amp.model,))
+    return Lens(text_side(amp.pair), adapter_target(amp, compiled), (amp.model,))
 
 
 def prompt_ids(pair: LDAModelPair, side: Side, prompt: Any, fields: SamplingFields) -> tuple[int, ...]:
@@ -112,12 +106,13 @@ def chunk_generate(
     job: Job,
     max_batch_tokens: int,
     cancel_requested: Callable[[], bool],
-) -> Callable[[list[tuple[Any, Condition, int]]], list[tuple[str, str]]]:
-    """The `generate` callback of one chunk: one decode per condition group, split only where
-    `max_batch_tokens` demands (rows sharing a prompt are adjacent and prefill it once)."""
+) -> Callable[[list[tuple[Any, Condition, int]]], Generator[Any, Any, list[tuple[str, str]]]]:
+    """The `generate` callback of one chunk: each condition group's rows join the engine's running
+    batch of its lens (beside interactive requests), split only where `max_batch_tokens` demands
+    (rows sharing a prompt are adjacent and prefill it once)."""
     sampling = sampling_params(fields)
 
-    def generate(rows: list[tuple[Any, Condition, int]]) -> list[tuple[str, str]]:
+    def generate(rows: list[tuple[Any, Condition, int]]) -> Generator[Any, Any, list[tuple[str, str]]]:
         results: list[tuple[str, str]] = []
         for group in _groups(rows):
             lens = lens_for(pair, amp, rows[group.start][1])
@@ -130,8 +125,7 @@ def chunk_generate(
                 decode_rows.append(Row(ids[prompt], condition.alpha, seed))
             config = pair.decode_config(fields.max_new_tokens, sampling, fields.stop, side=lens.side)
             chunks = plan_chunks(decode_rows, fields.max_new_tokens, max_batch_tokens)
-            events = chunked_events(functools.partial(_events, lens, config), decode_rows, chunks)
-            outputs = run_events(job, events, len(decode_rows), Usage(), lambda event: None)
+            outputs = yield from in_batches(lens.target, decode_rows, config, Usage(), lambda event: None, chunks)
             if outputs is None:
                 if cancel_requested():
                     raise RuntimeError("cancelled")  # `step` ends the experiment as cancelled
@@ -140,10 +134,6 @@ def chunk_generate(
         return results
 
     return generate
-
-
-def _events(lens: Lens, config: Any, rows: list[Row]) -> Iterator[Any]:
-    return lens.events(rows, config)
 
 
 def check_spec(pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields) -> None:
@@ -239,7 +229,7 @@ class Runner:
                     settings.max_batch_tokens,
                     lambda: self.store.require(exp_id).cancel_requested,
                 )
-                return step(self.store, exp_id, generate)
+                return step_steps(self.store, exp_id, generate)  # a generator job: rows join the batch
 
             try:
                 await self._on_engine(exp_id, run)

@@ -8,8 +8,9 @@ loses at most the chunk in flight and `step` after a restart continues where the
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from lda.experiments.detectors import Detectors
@@ -22,6 +23,16 @@ STOPPED = (*FINAL, "failed")  # step leaves these alone
 Generate = Callable[[list[tuple[Prompt, Condition, int]]], Sequence[tuple[str, str]]]
 
 
+def _done(steps: Generator[Any, Any, Any]) -> Any:
+    """The result of a generator that must finish without yielding (a plain `generate`)."""
+    try:
+        next(steps)
+    except StopIteration as stop:
+        return stop.value
+    steps.close()
+    raise RuntimeError("generate yielded work: drive it with the *_steps variant")
+
+
 def run_chunk(
     spec: ExperimentSpec, index_range: range, generate: Generate, detectors: Detectors | None = None
 ) -> list[dict[str, Any]]:
@@ -30,10 +41,21 @@ def run_chunk(
     Rows come in index order, so rows sharing a prompt and a condition are adjacent (the spec's
     condition-major order); `generate` may group them to prefill each prompt once.
     """
+    return _done(run_chunk_steps(spec, index_range, generate, detectors))
+
+
+def run_chunk_steps(
+    spec: ExperimentSpec, index_range: range, generate: Any, detectors: Detectors | None = None
+) -> Generator[Any, Any, list[dict[str, Any]]]:
+    """`run_chunk` for a `generate` that may be a generator function: what it yields (work for a
+    scheduler) is passed up and what is sent back goes down to it (`yield from`)."""
     detectors = detectors or Detectors(spec.detectors)
     refs = list(samples(spec, index_range.start, index_range.stop))
     rows = [(spec.prompts[r.prompt_index], spec.conditions[r.condition_index], r.seed) for r in refs]
-    outputs = list(generate(rows))
+    outputs = generate(rows)
+    if inspect.isgenerator(outputs):
+        outputs = yield from outputs
+    outputs = list(outputs)
     if len(outputs) != len(rows):
         raise RuntimeError(f"generate returned {len(outputs)} outputs for {len(rows)} rows")
     records = []
@@ -67,6 +89,14 @@ def step(
     it later); the exception is not re-raised, the record's `error` carries it. An exception while
     a cancel is pending (the server aborting the chunk it cancels) ends it as cancelled instead.
     """
+    return _done(step_steps(store, exp_id, generate, clock))
+
+
+def step_steps(
+    store: ExperimentStore, exp_id: str, generate: Any, clock: Callable[[], float] = time.monotonic
+) -> Generator[Any, Any, ExperimentRecord]:
+    """`step` for a `generate` that may be a generator function (see `run_chunk_steps`); an
+    exception thrown in at its yield is the generation's failure, handled as in `step`."""
     record = store.require(exp_id)
     if record.status in STOPPED:
         return record
@@ -79,7 +109,7 @@ def step(
         start = store.resume_point(exp_id)
         chunk = range(start, min(start + spec.chunk_size, spec.total))
         began = clock()
-        records = run_chunk(spec, chunk, generate)
+        records = yield from run_chunk_steps(spec, chunk, generate)
         return store.commit_chunk(exp_id, chunk, records, seconds=clock() - began)
     except ExperimentStoreError as exc:
         return store.fail(exp_id, str(exc))
