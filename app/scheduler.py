@@ -56,6 +56,7 @@ class Scheduler:
         self.batches: dict[Hashable, RunningBatch] = {}
         self.waiting: deque[InFlight] = deque()
         self.admitted: dict[int, InFlight] = {}  # id(InFlight) -> it, the ticket of its rows
+        self.warned: set[Hashable] = set()  # keys whose caches cannot be re-padded (logged once)
 
     @property
     def busy(self) -> bool:
@@ -81,7 +82,15 @@ class Scheduler:
             item = self.waiting[0]
             batch = self.batches.get(item.work.key)
             rows = len(item.work.rows)
-            if batch is not None and (not batch.can_join or len(batch) + rows > self.max_rows):
+            if batch is not None and not batch.can_join:
+                if item.work.key not in self.warned:
+                    self.warned.add(item.work.key)
+                    log.warning(
+                        "this model's KV caches cannot be re-padded (sliding-window or linear attention): "
+                        "its requests decode one at a time, not in a shared batch"
+                    )
+                break  # waits for the batch to finish
+            if batch is not None and len(batch) + rows > self.max_rows:
                 break  # waits for rows to leave
             self.waiting.popleft()
             if item.job.cancelled:
