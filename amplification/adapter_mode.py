@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from amplification.merge import Plan
-from lda.cache_ops import can_repad, concat_caches, trim_left
+from lda.cache_ops import can_repad, concat_caches, crop_right, trim_left
 from lda.source import input_device, logits_width
 
 Terms = list[tuple[torch.Tensor, torch.Tensor, float]]
@@ -114,6 +114,9 @@ class AdapterSource:
 
     def trim_left(self, columns: int) -> None:
         trim_left(self.cache, columns)
+
+    def crop(self, length: int) -> None:
+        crop_right(self.cache, length)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         # The cache holds [after rows; before rows]: select the same rows from both halves (an

@@ -82,7 +82,12 @@ class Engine:
     are out, so many requests decode together while plain jobs run between steps."""
 
     def __init__(
-        self, queue_size: int, on_change: Callable[..., None] | None = None, max_batch_rows: int = 256
+        self,
+        queue_size: int,
+        on_change: Callable[..., None] | None = None,
+        max_batch_rows: int = 256,
+        max_batch_tokens: int | None = None,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -90,7 +95,7 @@ class Engine:
         self.running = 0  # requests on the engine: the plain job running plus those in batches
         self.batch_rows = 0  # rows in the running batches
         self._current: Job | None = None
-        self.scheduler = Scheduler(max_batch_rows)
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, max_prefill_tokens)
         self._deferred: collections.deque[Job] = collections.deque()  # background jobs held back
 
     @property

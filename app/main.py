@@ -106,7 +106,13 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = Engine(settings.queue_size, metrics.engine_changed, settings.max_batch_rows)
+    app.state.engine = Engine(
+        settings.queue_size,
+        metrics.engine_changed,
+        settings.max_batch_rows,
+        settings.max_batch_tokens,
+        settings.max_prefill_tokens,
+    )
     app.state.pair = None
     app.state.amplifier = None
     app.state.demo = None

@@ -56,8 +56,14 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         64 * 2048,
         ge=1,
-        description="tokens one decode batch may hold, rows x (longest prompt + max_new_tokens); "
-        "larger requests run in chunks of this size",
+        description="tokens one decode batch may hold, rows x (longest prompt + max_new_tokens), "
+        "the running batch as a whole and each request; larger requests run in chunks of this size",
+    )
+    max_prefill_tokens: int = Field(
+        8192,
+        ge=1,
+        description="prompt tokens prefilled between two decode steps while rows decode (at least one "
+        "request joins per step), so a flood of new requests cannot stall the running batch",
     )
     max_stop_strings: int = Field(16, ge=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 above)")

@@ -55,6 +55,15 @@ def trim_left(cache: DynamicCache, columns: int) -> None:
         layer.values = layer.values[..., columns:, :]
 
 
+def crop_right(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every layer: undoes a forward that failed part-way
+    (layers it reached hold one more position than the others)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
 def join_masks(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """[B1, S1] and [B2, S2] attention masks joined as the caches are (left padding is 0)."""
     length = max(first.shape[-1], second.shape[-1])

@@ -39,6 +39,10 @@ class LogitsSource(Protocol):
         """The batch becomes rows `rows` of the current one, in that order; an index may repeat."""
         ...
 
+    def crop(self, length: int) -> None:
+        """Drop cached positions past `length` (a forward that failed part-way wrote some)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Row:
@@ -290,7 +294,7 @@ def prefill_rows(
 
 @dataclass(frozen=True)
 class RowFailed:
-    """A row of a batched request could not be decoded (its logits went non-finite)."""
+    """A batched request's rows could not be decoded (non-finite logits, or a step out of memory)."""
 
     row: int
     error: Exception
@@ -439,7 +443,33 @@ class RunningBatch:
         tokens = torch.tensor(next_tokens, dtype=torch.long, device=device).unsqueeze(-1)  # [B, 1]
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=-1)
         self.last_pos = self.last_pos + 1
-        self.after, self.before = self.source.decode_one_token(tokens, self.mask, self.last_pos)
+        yield from self._advance(tokens)
+
+    def _advance(self, tokens: torch.Tensor) -> Iterator[tuple[Any, RowFailed]]:
+        """The step's forward for every row. Out of memory, the request admitted last leaves (it
+        fails alone), the caches lose what the failed forward wrote, and the rest try again."""
+        while True:
+            try:
+                self.after, self.before = self.source.decode_one_token(tokens, self.mask, self.last_pos)
+                return
+            except torch.OutOfMemoryError as exc:
+                victim = self.live[-1].ticket
+                if victim is None:
+                    raise  # a plain decode: the caller's request fails
+                # A fresh error: the caught one's traceback holds the failed forward's tensors.
+                error = torch.OutOfMemoryError(f"out of memory in a decode step of {len(self.live)} rows: {exc}")
+            self.source.crop(self.mask.shape[-1] - 1)  # the caches' length before this step
+            keep = [i for i, live in enumerate(self.live) if live.ticket != victim]
+            yield victim, RowFailed(self.live[-1].state.row, error)
+            if not keep:
+                self.live, self.source, self.cache_rows = [], None, None
+                self.cancelled.clear()
+                return
+            index = torch.tensor(keep, device=tokens.device)
+            self.source.keep_rows(index)
+            self.mask, self.last_pos, self.alphas = self.mask[index], self.last_pos[index], self.alphas[index]
+            tokens = tokens[index]
+            self.live = [self.live[i] for i in keep]
 
 
 def decode(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from lda.cache_ops import can_repad, concat_caches, trim_left
+from lda.cache_ops import can_repad, concat_caches, crop_right, trim_left
 
 
 def input_device(model: Any) -> torch.device:
@@ -86,6 +86,10 @@ class ModelSource:
     def trim_left(self, columns: int) -> None:
         for cache in self.caches:
             trim_left(cache, columns)
+
+    def crop(self, length: int) -> None:
+        for cache in self.caches:
+            crop_right(cache, length)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         # `reorder_cache` is an `index_select` per layer (on each layer's device): it copies, so a

@@ -237,6 +237,11 @@ def test_compatibility_info_health_metrics(client):
         assert name in text
     assert 'route="/generate_lda",status="200"' in text
     assert 'route="/generate_lda",status="422"' in text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    for phase in ("prefill", "decode"):  # the request's time in the running batch, by phase
+        name = f'lda_request_{phase}_time_seconds'
+        assert float(values[f'{name}_count{{route="/generate_lda"}}']) >= 1
+        assert float(values[f'{name}_sum{{route="/generate_lda"}}']) > 0
 
 
 def rejections(client) -> float:

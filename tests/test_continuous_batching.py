@@ -8,6 +8,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from tests.test_amplification_merge import digests
@@ -114,3 +115,40 @@ def test_merges_run_between_steps_and_never_reach_the_batch(client):
         for f in amp_futures:
             assert f.result().json()["columns"] == expected_amp
     assert digests(base) == before
+
+
+def test_a_step_out_of_memory_fails_one_request_and_the_batch_goes_on(client, monkeypatch):
+    # Injected where CUDA would fail: a decode step of 3+ rows. The request admitted last gets a
+    # 503; the others answer exactly as alone; the budget drops to what the batch then held; the
+    # weights are untouched and the next request is fine.
+    from lda.source import ModelSource
+
+    scheduler = client.app.state.engine.scheduler
+    budget = scheduler.max_tokens
+    pair = client.app.state.pair
+    weights = digests(pair.after.model), digests(pair.before.model)
+    alone = [client.post("/generate_lda", json=body(i, False)).json()["results"] for i in range(4)]
+    real, fired = ModelSource.decode_one_token, []
+
+    def flaky(self, tokens, mask, positions):
+        if tokens.shape[0] >= 3 and not fired:
+            fired.append(tokens.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, tokens, mask, positions)
+
+    monkeypatch.setattr(ModelSource, "decode_one_token", flaky)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: client.post("/generate_lda", json=body(i, False)), range(4)))
+        assert fired
+        failed = [r for r in answers if r.status_code != 200]
+        assert len(failed) == 1 and failed[0].status_code == 503, [r.text for r in failed]
+        assert failed[0].json()["error"]["type"] == "out_of_memory"
+        for i, r in enumerate(answers):
+            if r.status_code == 200:
+                assert [x["completion"] for x in r.json()["results"]] == [x["completion"] for x in alone[i]]
+        assert scheduler.max_tokens is not None and scheduler.max_tokens < budget
+        assert (digests(pair.after.model), digests(pair.before.model)) == weights
+        assert client.post("/generate_lda", json=body(0, False)).json()["results"] == alone[0]
+    finally:
+        scheduler.max_tokens = budget  # the module's other tests keep the configured budget

@@ -128,3 +128,49 @@ def test_a_row_whose_logits_go_non_finite_fails_its_request_alone(pair, tokenize
     assert failed == [("B", 0, "NonFiniteLogitsError")]  # its other rows left with it
     for a, b in zip(got, expected["A"]):
         same(a, b)
+
+
+def test_a_step_out_of_memory_fails_the_request_admitted_last_and_the_rest_go_on(make_source, tokenizer):
+    """The injected error comes after the forward wrote every cache (as an OOM in the logits
+    would): the survivors match their alone runs only if the batch crops that write away."""
+    import torch
+
+    from lda.decode import RowFailed
+
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, reqs)
+    fired = []
+
+    def failing_once():
+        source = make_source()
+        real = source.decode_one_token
+
+        def decode_one_token(tokens, mask, positions):
+            logits = real(tokens, mask, positions)
+            if tokens.shape[0] == 6 and not fired:  # all three requests in the batch
+                fired.append(tokens.shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return logits
+
+        source.decode_one_token = decode_one_token
+        return source
+
+    batch = RunningBatch(failing_once, tokenizer)
+    outputs = {name: [None] * len(rows) for name, (rows, _) in reqs.items()}
+    failed = {}
+    for step in range(40):
+        for name, at in {"A": 0, "B": 1, "C": 2}.items():
+            if step == at:
+                batch.admit(*reqs[name], ticket=name)
+        for ticket, event in batch.step():
+            if isinstance(event, RowFailed):
+                failed[ticket] = event.error
+            elif hasattr(event, "finish_reason"):
+                outputs[ticket][event.row] = event
+        if not batch:
+            break
+    assert fired and list(failed) == ["C"] and isinstance(failed["C"], torch.OutOfMemoryError)
+    assert outputs["C"] == [None]
+    for name in ("A", "B"):
+        for a, b in zip(outputs[name], expected[name]):
+            same(a, b)

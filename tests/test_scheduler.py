@@ -1,9 +1,13 @@
-"""The scheduler alone: works of one key share a batch, room and re-padding decide admission,
-and a model whose caches cannot be re-padded serves one work at a time (with a log line)."""
+"""The scheduler alone: works of one key share a batch; rows, padded tokens, the prefill budget
+and re-padding decide admission; interactive works go before background ones; a step out of
+memory fails the work admitted last and lowers the budget; a model whose caches cannot be
+re-padded serves one work at a time (with a log line)."""
 
 from __future__ import annotations
 
 import logging
+
+import torch
 
 from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.source import ModelSource
@@ -14,6 +18,9 @@ from app.scheduler import BatchWork, Scheduler
 class FakeJob:
     cancelled = False
 
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+
 
 class FixedCaches(ModelSource):
     """A source whose caches claim not to be re-paddable (as sliding-window ones are)."""
@@ -21,24 +28,34 @@ class FixedCaches(ModelSource):
     repaddable = False
 
 
-def work(pair, tokenizer, source_cls, prompt, seed):
+def work(pair, tokenizer, source_cls, prompt, seed, n=1):
     config = DecodeConfig(6, SamplingParams(1.0), frozenset({tokenizer.eos_token_id}))
-    rows = [Row(tuple(tokenizer(prompt)["input_ids"]), 1.0, seed)]
+    rows = [Row(tuple(tokenizer(prompt)["input_ids"]), 1.0, seed + k) for k in range(n)]
     make = lambda: source_cls(pair.after.model, pair.before.model)  # noqa: E731
     return BatchWork("pair", make, tokenizer, rows, config), make
 
 
-def run(scheduler, items):
-    """Submit every work at once, step until all ended; returns outputs per work and peak rows."""
+def alone(items, make, tokenizer):
+    return [[o.token_ids for o in collect(decode(make(), tokenizer, w.rows, w.config), len(w.rows))] for w in items]
+
+
+def run(scheduler, items, jobs=None, watch=lambda: None):
+    """Submit every work at once, step until all ended; returns outputs per work and peak rows.
+    `watch()` runs after every step (and before the first)."""
     ended, peak = {}, 0
     for i, w in enumerate(items):
-        for item in scheduler.submit(FakeJob(), i, w):
+        for item in scheduler.submit(jobs[i] if jobs else FakeJob(), i, w):
             ended[item.resume] = item
     while scheduler.busy:
+        watch()
         peak = max(peak, scheduler.rows)
         for item in scheduler.step():
             ended[item.resume] = item
     return [ended[i].outputs for i in range(len(items))], peak
+
+
+def token_ids(outputs):
+    return [[o.token_ids for o in out] for out in outputs]
 
 
 def test_works_share_a_batch_or_go_one_at_a_time_when_caches_cannot_be_repadded(pair, tokenizer, caplog):
@@ -60,3 +77,80 @@ def test_a_full_batch_admits_work_as_rows_leave(pair, tokenizer):
     items = [work(pair, tokenizer, ModelSource, "Hello world", seed=k)[0] for k in range(4)]
     outputs, peak = run(Scheduler(max_rows=2), items)
     assert peak == 2 and all(out[0] is not None for out in outputs)
+
+
+PROMPTS = ["Hello world", "What is a cat?", "Tell me about the sun.", "Hi", "What should I do today?"]
+
+
+def test_the_token_budget_bounds_the_batch_and_a_larger_work_runs_alone(pair, tokenizer):
+    items = [work(pair, tokenizer, ModelSource, "Hello world", seed=k, n=3 if k == 1 else 1)[0] for k in range(4)]
+    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    scheduler = Scheduler(max_rows=64, max_tokens=2 * items[0].width)  # two one-row works
+    seen = []
+    outputs, peak = run(scheduler, items, watch=lambda: seen.append((scheduler.rows, len(scheduler.admitted))))
+    assert token_ids(outputs) == alone(items, make, tokenizer)
+    assert peak == 3  # the three-row work, over the budget, ran
+    assert all(works == 1 for rows, works in seen if rows > 2)  # ...alone
+    assert (2, 2) in seen  # the two last works shared the batch
+
+
+def test_a_flood_of_prefills_joins_one_budget_per_step(pair, tokenizer):
+    items = [work(pair, tokenizer, ModelSource, p, seed=k)[0] for k, p in enumerate(PROMPTS)]
+    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    expected = alone(items, make, tokenizer)
+    for budget, joined_per_step in ((min(w.prompt_tokens for w in items), 1), (None, len(items))):
+        scheduler = Scheduler(max_rows=64, max_prefill_tokens=budget)
+        admitted = []
+        outputs, _ = run(scheduler, items, watch=lambda: admitted.append(len(scheduler.admitted)))
+        assert token_ids(outputs) == expected
+        # the rows decoding get a step between two admissions: the batch grows by one per step
+        assert admitted[: len(items) // joined_per_step] == list(range(joined_per_step, len(items) + 1, joined_per_step))
+
+
+def test_interactive_works_join_before_background_ones(pair, tokenizer):
+    items = [work(pair, tokenizer, ModelSource, p, seed=k)[0] for k, p in enumerate(PROMPTS[:4])]
+    jobs = [FakeJob(), FakeJob(background=True), FakeJob(background=True), FakeJob()]
+    scheduler = Scheduler(max_rows=1)  # one work at a time: admission order is completion order
+    order = []
+    real_step = scheduler.step
+
+    def step():
+        ended = real_step()
+        order.extend(item.resume for item in ended)
+        return ended
+
+    scheduler.step = step
+    run(scheduler, items, jobs)
+    assert order == [0, 3, 1, 2]
+
+
+def test_a_step_out_of_memory_fails_the_last_work_and_lowers_the_budget(pair, tokenizer):
+    items = [work(pair, tokenizer, ModelSource, p, seed=k)[0] for k, p in enumerate(PROMPTS[:3])]
+    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    expected = alone(items, make, tokenizer)
+    fired = []
+
+    def failing_once():
+        source = make()
+        real = source.decode_one_token
+
+        def decode_one_token(tokens, mask, positions):
+            if tokens.shape[0] == 3 and not fired:
+                fired.append(True)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(tokens, mask, positions)
+
+        source.decode_one_token = decode_one_token
+        return source
+
+    items = [BatchWork(w.key, failing_once, w.tokenizer, w.rows, w.config) for w in items]
+    scheduler = Scheduler(max_rows=64, max_tokens=10**6)
+    ended = {}
+    for i, w in enumerate(items):
+        scheduler.submit(FakeJob(), i, w)
+    while scheduler.busy:
+        for item in scheduler.step():
+            ended[item.resume] = item
+    assert fired and isinstance(getattr(ended[2], "error", None), torch.OutOfMemoryError)
+    assert token_ids([ended[0].outputs, ended[1].outputs]) == expected[:2]
+    assert scheduler.max_tokens == 2 * max(w.width for w in items[:2])  # what the batch held after

@@ -76,6 +76,9 @@ def observe(request: Request, route: str, t0: float, usage: Usage) -> None:
     metrics.tokens.labels(route).inc(usage.tokens)
     if usage.first_token_at is not None:
         metrics.ttft.labels(route).observe(usage.first_token_at - t0)
+    if usage.prefill_seconds or usage.decode_seconds:  # it decoded in a running batch
+        metrics.prefill_time.labels(route).observe(usage.prefill_seconds)
+        metrics.decode_time.labels(route).observe(usage.decode_seconds)
 
 
 PairDep = Annotated[LDAModelPair, Depends(get_pair)]

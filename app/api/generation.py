@@ -23,6 +23,8 @@ class Usage:
 
     first_token_at: float | None = None
     tokens: int = 0
+    prefill_seconds: float = 0.0  # in running batches: prefilling its prompts, then decoding its rows
+    decode_seconds: float = 0.0
 
 
 def sampling_params(req: SamplingFields) -> SamplingParams:
@@ -86,7 +88,10 @@ def in_batches(
                 usage.tokens += 1
             on_event(dataclasses.replace(event, row=event.row + offset))
 
-        part = yield BatchWork(target.key, target.make_source, target.tokenizer, [rows[i] for i in chunk], config, forward)
+        work = BatchWork(target.key, target.make_source, target.tokenizer, [rows[i] for i in chunk], config, forward)
+        part = yield work
+        usage.prefill_seconds += work.prefill_seconds
+        usage.decode_seconds += work.decode_seconds
         if part is None:
             return None
         for out in part:

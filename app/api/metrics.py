@@ -35,6 +35,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prefill_time = Histogram(
+            "lda_request_prefill_time_seconds",
+            "time a request spent prefilling its prompts in the running batch",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            "lda_request_decode_time_seconds",
+            "time a request's rows spent decoding in the running batch (its prefill to its last row out)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("lda_generation_tokens", "tokens generated", ["route"], registry=r)
         self.rejected = Counter("lda_queue_rejections", "requests refused with 429 (queue full)", registry=r)
 

@@ -21,6 +21,7 @@ from lda.source import ModelSource
 
 from app.amplification_lens.jobs import adapter_target
 from app.amplification_lens.jobs import text_side as base_side
+from app.api.chunking import plan_chunks
 from app.api.generation import BatchTarget, Usage, in_batches, run_events
 from app.engine import Job
 from app.lda_lens.jobs import pair_target, side_target
@@ -84,6 +85,7 @@ class Work:
     echo: bool = False
     add_generation_prompt: bool = True
     template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_batch_tokens: int | None = None  # MAX_BATCH_TOKENS: larger choices x prompts run in chunks
 
 
 @dataclass
@@ -169,7 +171,8 @@ def completion_job(
                 config = dataclasses.replace(config, top_logprobs=work.logprobs or 0)
                 pieces = [Pieces(target.side.tokenizer, c.prompt_ids) for c in choices]
                 if target.batch is not None:
-                    outputs = yield from in_batches(target.batch, rows, config, usage, forward(job, pieces))
+                    chunks = plan_chunks(rows, max_tokens, work.max_batch_tokens) if work.max_batch_tokens else None
+                    outputs = yield from in_batches(target.batch, rows, config, usage, forward(job, pieces), chunks)
                 else:  # merged weights: decoded here, whole, before anything else runs
                     events = decode(target.source(), target.side.tokenizer, rows, config)
                     outputs = run_events(job, events, len(rows), usage, forward(job, pieces))

@@ -107,7 +107,7 @@ def _work(req: OpenAIFields, settings: Settings, prompts: Any, kind: str, max_to
     seed = req.seed if req.seed is not None else uuid.uuid4().int % 2**31
     sampling = SamplingParams(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p)
     return Work(prompts, kind, req.n, max_tokens, settings.max_new_tokens_limit, sampling,
-                tuple(req.stop_list), seed, logprobs, **kw)  # fmt: skip
+                tuple(req.stop_list), seed, logprobs, max_batch_tokens=settings.max_batch_tokens, **kw)  # fmt: skip
 
 
 async def _answer(
