@@ -24,7 +24,8 @@ _DONE = object()
 # While requests decode, background jobs (experiment chunks, weight-diff steps) wait; one runs
 # between steps after this many steps, so a steady stream of requests cannot starve them.
 BACKGROUND_EVERY = 32
-# Jobs started (and, for decoding jobs, admitted) between two decode steps at most.
+# Jobs started between two decode steps at most (a decoding job's rows then join the batch at the
+# next step, within the scheduler's row, token and prefill budgets).
 ADMIT_PER_STEP = 64
 
 
@@ -204,21 +205,13 @@ class Engine:
         """Run a generator job to its next BatchWork (queued with the scheduler) or its end."""
         self._current = job
         try:
-            while True:
-                if item is None:
-                    work = next(gen)
-                elif getattr(item, "error", None) is not None:
-                    work = gen.throw(item.error)
-                else:
-                    work = gen.send(item.outputs)
-                ended = self.scheduler.submit(job, gen, work)
-                mine = next((e for e in ended if e.resume is gen), None)
-                for other in ended:  # works of other jobs that ended while admitting (cancelled)
-                    if other is not mine:
-                        self._resume(other.job, other.resume, other)
-                if mine is None:
-                    return  # in a batch (or waiting for room): resumed when its rows are out
-                item = mine  # ended at once: cancelled, or its prefill failed
+            if item is None:
+                work = next(gen)
+            elif getattr(item, "error", None) is not None:
+                work = gen.throw(item.error)
+            else:
+                work = gen.send(item.outputs)
+            self.scheduler.submit(job, gen, work)  # resumed when its rows are out
         except StopIteration as stop:
             job._settle(result=stop.value)
         except BaseException as exc:  # handed to the awaiting request, never kills the worker

@@ -2,9 +2,10 @@
 
 A job that decodes is a generator: it prepares its rows, then yields a `BatchWork` and gets the
 rows' outputs back (None when the job was cancelled meanwhile) once every row has ended. The
-scheduler admits each work into the running batch of its `key` at a step boundary, steps every
-batch once per engine loop, forwards each event to the work's handler, and hands finished works
-back to the engine to resume their jobs. Jobs that are plain functions (merges, training steps)
+scheduler admits works into the running batch of their `key` at the next step boundary (those
+joining a running batch together: one prefill forward, one cache join), steps every batch once
+per engine loop, forwards each event to the work's handler, and hands finished works back to the
+engine to resume their jobs. Jobs that are plain functions (merges, training steps)
 run whole between steps, so a running batch never sees weights a merge changed: it is paused
 while they run.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,27 +100,27 @@ class Scheduler:
     def rows(self) -> int:
         return sum(len(b) for b in self.batches.values())
 
-    def submit(self, job: Any, resume: Any, work: BatchWork) -> list[InFlight]:
-        """Queue a work; returns works that ended at once (admission errors are raised into them)."""
+    def submit(self, job: Any, resume: Any, work: BatchWork) -> None:
+        """Queue a work; it joins its batch at the next step (with every work queued by then)."""
         item = InFlight(job, resume, work)
         (self.background if getattr(job, "background", False) else self.waiting).append(item)
-        return self._admit()
 
-    def padded_tokens(self, key: Hashable, extra: BatchWork | None = None) -> int:
+    def padded_tokens(self, key: Hashable, extra: Sequence[BatchWork] = ()) -> int:
         """The bound on the batch's cache positions: its rows (plus `extra`'s) x the widest width."""
-        works = [i.work for i in self.admitted.values() if i.work.key == key] + ([extra] if extra else [])
+        works = [i.work for i in self.admitted.values() if i.work.key == key] + list(extra)
         batch = self.batches.get(key)
-        rows = (len(batch) if batch is not None else 0) + (len(extra.rows) if extra else 0)
+        rows = (len(batch) if batch is not None else 0) + sum(len(w.rows) for w in extra)
         return rows * max((w.width for w in works), default=0)
 
-    def _room(self, item: InFlight) -> bool:
-        """Whether the work may join its batch now (an empty batch takes any one work)."""
+    def _room(self, item: InFlight, joining: list[BatchWork]) -> bool:
+        """Whether the work may join its batch now, beside the works `joining` it at this boundary
+        (an empty batch takes any one work)."""
         key, batch = item.work.key, self.batches.get(item.work.key)
-        if self.prefilled and self.max_prefill_tokens is not None and self.rows:
+        if self.prefilled and self.max_prefill_tokens is not None and (self.rows or joining):
             if self.prefilled + item.work.prompt_tokens > self.max_prefill_tokens:
                 return False  # the rows decoding get their step first
         if batch is None or not batch:
-            return True
+            return True  # (`_admit` starts an empty batch with one work alone)
         if not batch.can_join:
             if key not in self.warned:
                 self.warned.add(key)
@@ -128,14 +129,17 @@ class Scheduler:
                     "its requests decode one at a time, not in a shared batch"
                 )
             return False
-        if len(batch) + len(item.work.rows) > self.max_rows:
+        works = joining + [item.work]
+        if len(batch) + sum(len(w.rows) for w in works) > self.max_rows:
             return False
-        return self.max_tokens is None or self.padded_tokens(key, item.work) <= self.max_tokens
+        return self.max_tokens is None or self.padded_tokens(key, works) <= self.max_tokens
 
     def _admit(self) -> list[InFlight]:
         """Admit waiting works in order (interactive first) while they fit; the first that does
-        not fit stops admission until the next boundary, so nothing overtakes it."""
-        failed = []
+        not fit stops admission until the next boundary, so nothing overtakes it. Works joining a
+        running batch at one boundary are prefilled together (one forward, one cache join)."""
+        failed: list[InFlight] = []
+        groups: dict[Hashable, list[InFlight]] = {}
         for queue in (self.waiting, self.background):
             while queue:
                 item = queue[0]
@@ -144,34 +148,45 @@ class Scheduler:
                     item.outputs = None  # type: ignore[assignment]
                     failed.append(item)
                     continue
-                if not self._room(item):
-                    return failed
+                group = groups.setdefault(item.work.key, [])
+                if not self._room(item, [i.work for i in group]):
+                    return failed + self._prefill_groups(groups)
                 queue.popleft()
-                if self._prefill(item):
-                    self.admitted[id(item)] = item
+                self.prefilled += item.work.prompt_tokens
+                batch = self.batches.get(item.work.key)
+                if batch is None or not batch:  # a new batch starts with this work (its caches
+                    failed += self._prefill([item])  # decide whether others may join)
                 else:
-                    failed.append(item)
-        return failed
+                    group.append(item)
+        return failed + self._prefill_groups(groups)
 
-    def _prefill(self, item: InFlight) -> bool:
-        """Prefill the work into its batch; False (with `error` set) when that failed (it alone)."""
-        key = item.work.key
-        batch = self.batches.get(key) or RunningBatch(item.work.make_source, item.work.tokenizer)
+    def _prefill_groups(self, groups: dict[Hashable, list[InFlight]]) -> list[InFlight]:
+        return [item for group in groups.values() if group for item in self._prefill(group)]
+
+    def _prefill(self, items: list[InFlight]) -> list[InFlight]:
+        """Prefill works of one key into their batch, together; returns those that failed
+        (`error` set). If the joint prefill fails, each is tried alone, so a fault stays its own."""
+        key = items[0].work.key
+        batch = self.batches.get(key) or RunningBatch(items[0].work.make_source, items[0].work.tokenizer)
         started = time.perf_counter()
         try:
-            batch.admit(item.work.rows, item.work.config, ticket=id(item))
-        except Exception as exc:  # noqa: BLE001  (this work's prefill failed: only it)
-            item.error = exc  # type: ignore[attr-defined]
+            batch.admit_all([(i.work.rows, i.work.config, id(i)) for i in items])
+        except Exception as exc:  # noqa: BLE001  (a prefill failed: only its works)
+            if len(items) > 1:
+                return [f for item in items for f in self._prefill([item])]
+            items[0].error = exc  # type: ignore[attr-defined]
             if isinstance(exc, torch.OutOfMemoryError) and batch:
                 self._lower_budget(key)
-            return False
+            return items
         finally:
             if batch:
                 self.batches[key] = batch
-        item.decoding_since = time.perf_counter()
-        item.work.prefill_seconds += item.decoding_since - started
-        self.prefilled += item.work.prompt_tokens
-        return True
+        now = time.perf_counter()
+        for item in items:
+            item.decoding_since = now
+            item.work.prefill_seconds += now - started
+            self.admitted[id(item)] = item
+        return []
 
     def _lower_budget(self, key: Hashable) -> None:
         """After an out-of-memory error beside other rows: the batch may hold no more than it holds
@@ -190,10 +205,10 @@ class Scheduler:
         return item
 
     def step(self) -> list[InFlight]:
-        """One decode step of every running batch; returns the works that ended (all rows out,
-        cancelled, or failed: `error` set)."""
-        ended: list[InFlight] = []
+        """Admit what waits, then one decode step of every running batch; returns the works that
+        ended (all rows out, cancelled, or failed: `error` set)."""
         self.prefilled = 0
+        ended = self._admit()
         for key, batch in list(self.batches.items()):
             for ticket, item in list(self.admitted.items()):
                 if item.work.key == key and item.job.cancelled:
@@ -226,4 +241,4 @@ class Scheduler:
                 self._lower_budget(key)
             if not batch:
                 del self.batches[key]
-        return ended + self._admit()
+        return ended

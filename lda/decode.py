@@ -341,10 +341,18 @@ class RunningBatch:
     ) -> None:
         """Prefill `rows` (each distinct prompt once) and add them to the batch; their events carry
         `ticket` and their index in `rows`."""
-        if not rows:
-            raise ValueError("decode needs at least one row")
-        if any(len(r.prompt_ids) == 0 for r in rows):
-            raise ValueError("every row needs at least one prompt token")
+        self.admit_all([(rows, config, ticket)], share_prefill)
+
+    def admit_all(
+        self, works: Sequence[tuple[Sequence[Row], DecodeConfig, Any]], share_prefill: bool = True
+    ) -> None:
+        """Admit several requests (rows, config, ticket) with one prefill forward: each distinct
+        prompt once across them, then one join to the running batch."""
+        for rows, _, _ in works:
+            if not rows:
+                raise ValueError("decode needs at least one row")
+            if any(len(r.prompt_ids) == 0 for r in rows):
+                raise ValueError("every row needs at least one prompt token")
         if not self.can_join:
             raise ValueError("this model's caches cannot be re-padded: its rows cannot join a running batch")
         source = self.make_source()
@@ -352,11 +360,14 @@ class RunningBatch:
         lives = [
             _Live(ticket, _RowState(i, TextTracker(self.tokenizer, config.stop, r.prompt_ids)),
                   _generator(r.seed, device), config)
+            for rows, config, ticket in works
             for i, r in enumerate(rows)
         ]  # fmt: skip
         for live in lives:
-            live.state.logprobs = [] if config.details else None
-        after, before, mask, positions, cache_rows = prefill_rows(source, rows, config.pad_id, share_prefill)
+            live.state.logprobs = [] if live.config.details else None
+        rows = [r for work_rows, _, _ in works for r in work_rows]
+        # Padding is masked out, so any of the configs' pad ids gives the same logits.
+        after, before, mask, positions, cache_rows = prefill_rows(source, rows, works[0][1].pad_id, share_prefill)
         alphas = torch.tensor([r.alpha for r in rows], dtype=torch.float32, device=device)
         if not self.live:
             self.source, self.live, self.cache_rows = source, lives, cache_rows

@@ -59,10 +59,10 @@ def joined(make_source, tokenizer, reqs, admit_at, cancel=None):
     events = {name: 0 for name in reqs}
     steps, pending = 0, dict(admit_at)
     while pending or batch:
-        for name, at in list(pending.items()):
-            if steps >= at and batch.can_join:
-                rows, cfg = reqs[name]
-                batch.admit(rows, cfg, ticket=name)
+        due = [name for name, at in pending.items() if steps >= at]
+        if due and batch.can_join:  # requests due at one step join with one prefill forward
+            batch.admit_all([(*reqs[name], name) for name in due])
+            for name in due:
                 del pending[name]
         if cancel and steps == cancel[1]:
             batch.cancel(cancel[0])
@@ -85,7 +85,9 @@ def same(a, b):
             assert x.amplified == pytest.approx(y.amplified, abs=LOGPROB_ATOL)
 
 
-@pytest.mark.parametrize("admit_at", [{"A": 0, "B": 0, "C": 0}, {"A": 0, "B": 2, "C": 5}, {"C": 0, "A": 3, "B": 4}])
+@pytest.mark.parametrize(
+    "admit_at", [{"A": 0, "B": 0, "C": 0}, {"A": 0, "B": 2, "C": 5}, {"C": 0, "A": 3, "B": 4}, {"B": 0, "A": 3, "C": 3}]
+)
 def test_rows_joining_a_running_batch_decode_as_alone(make_source, tokenizer, admit_at):
     reqs = requests(tokenizer)
     expected = alone(make_source, tokenizer, reqs)

@@ -44,8 +44,7 @@ def run(scheduler, items, jobs=None, watch=lambda: None):
     `watch()` runs after every step (and before the first)."""
     ended, peak = {}, 0
     for i, w in enumerate(items):
-        for item in scheduler.submit(jobs[i] if jobs else FakeJob(), i, w):
-            ended[item.resume] = item
+        scheduler.submit(jobs[i] if jobs else FakeJob(), i, w)
     while scheduler.busy:
         watch()
         peak = max(peak, scheduler.rows)
@@ -94,17 +93,27 @@ def test_the_token_budget_bounds_the_batch_and_a_larger_work_runs_alone(pair, to
     assert (2, 2) in seen  # the two last works shared the batch
 
 
-def test_a_flood_of_prefills_joins_one_budget_per_step(pair, tokenizer):
+def test_a_flood_of_prefills_joins_one_budget_per_step_and_together(pair, tokenizer):
+    prefills = []
+
+    def make():
+        prefills.append(1)  # a fresh source per prefill forward
+        return ModelSource(pair.after.model, pair.before.model)
+
     items = [work(pair, tokenizer, ModelSource, p, seed=k)[0] for k, p in enumerate(PROMPTS)]
-    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
     expected = alone(items, make, tokenizer)
-    for budget, joined_per_step in ((min(w.prompt_tokens for w in items), 1), (None, len(items))):
+    items = [BatchWork(w.key, make, w.tokenizer, w.rows, w.config) for w in items]
+    for budget, joined_per_step, forwards in ((min(w.prompt_tokens for w in items), 1, 5), (None, 5, 2)):
         scheduler = Scheduler(max_rows=64, max_prefill_tokens=budget)
         admitted = []
+        prefills.clear()
         outputs, _ = run(scheduler, items, watch=lambda: admitted.append(len(scheduler.admitted)))
         assert token_ids(outputs) == expected
-        # the rows decoding get a step between two admissions: the batch grows by one per step
-        assert admitted[: len(items) // joined_per_step] == list(range(joined_per_step, len(items) + 1, joined_per_step))
+        # with the budget the rows decoding get a step between two admissions (one more per step);
+        # without it every work joins at the first step: the first starts the batch, the other four
+        # are prefilled in one forward and joined once
+        assert admitted[1 : 1 + 5 // joined_per_step] == list(range(joined_per_step, 6, joined_per_step))
+        assert len(prefills) == forwards
 
 
 def test_interactive_works_join_before_background_ones(pair, tokenizer):
