@@ -5,10 +5,11 @@ whose logits widths differ)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.cache_ops import padding_columns
-from lda.decode import RunningBatch
+from lda.decode import RowFailed, RunningBatch
 from lda.source import ModelSource
 from tests.test_shared_prefill import LOGPROB_ATOL, adapter_setup  # noqa: F401  (fixture)
 from tests.tiny import tiny_llama
@@ -132,31 +133,33 @@ def test_a_row_whose_logits_go_non_finite_fails_its_request_alone(pair, tokenize
         same(a, b)
 
 
-def test_a_step_out_of_memory_fails_the_request_admitted_last_and_the_rest_go_on(make_source, tokenizer):
-    """The injected error comes after the forward wrote every cache (as an OOM in the logits
-    would): the survivors match their alone runs only if the batch crops that write away."""
-    import torch
+def out_of_memory_once(make_source, rows: int, fired: list):
+    """`make_source` whose sources raise CUDA's out-of-memory error in the first decode step of
+    `rows` rows, after the forward wrote every cache (as an OOM in the logits would): the rows
+    that go on match their alone runs only if the batch crops that write away."""
 
-    from lda.decode import RowFailed
-
-    reqs = requests(tokenizer)
-    expected = alone(make_source, tokenizer, reqs)
-    fired = []
-
-    def failing_once():
+    def make():
         source = make_source()
         real = source.decode_one_token
 
         def decode_one_token(tokens, mask, positions):
             logits = real(tokens, mask, positions)
-            if tokens.shape[0] == 6 and not fired:  # all three requests in the batch
-                fired.append(tokens.shape[0])
+            if tokens.shape[0] == rows and not fired:
+                fired.append(rows)
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return logits
 
         source.decode_one_token = decode_one_token
         return source
 
+    return make
+
+
+def test_a_step_out_of_memory_fails_the_request_admitted_last_and_the_rest_go_on(make_source, tokenizer):
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, reqs)
+    fired = []
+    failing_once = out_of_memory_once(make_source, 6, fired)  # all three requests in the batch
     batch = RunningBatch(failing_once, tokenizer)
     outputs = {name: [None] * len(rows) for name, (rows, _) in reqs.items()}
     failed = {}

@@ -13,6 +13,7 @@ from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.source import ModelSource
 
 from app.scheduler import BatchWork, Scheduler
+from tests.test_running_batch import out_of_memory_once
 
 
 class FakeJob:
@@ -138,20 +139,7 @@ def test_a_step_out_of_memory_fails_the_last_work_and_lowers_the_budget(pair, to
     make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
     expected = alone(items, make, tokenizer)
     fired = []
-
-    def failing_once():
-        source = make()
-        real = source.decode_one_token
-
-        def decode_one_token(tokens, mask, positions):
-            if tokens.shape[0] == 3 and not fired:
-                fired.append(True)
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return real(tokens, mask, positions)
-
-        source.decode_one_token = decode_one_token
-        return source
-
+    failing_once = out_of_memory_once(make, 3, fired)
     items = [BatchWork(w.key, failing_once, w.tokenizer, w.rows, w.config) for w in items]
     scheduler = Scheduler(max_rows=64, max_tokens=10**6)
     ended = {}
