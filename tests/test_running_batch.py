@@ -110,7 +110,6 @@ def test_a_cancelled_request_leaves_and_the_others_are_unchanged(make_source, to
 
 
 def test_a_row_whose_logits_go_non_finite_fails_its_request_alone(pair, tokenizer):
-
     make_source = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
     reqs = requests(tokenizer)
     expected = alone(make_source, tokenizer, {"A": reqs["A"]})
