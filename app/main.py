@@ -29,6 +29,7 @@ from app.openai_lens.vllm_routes import router as vllm_router
 from app.settings import Settings, get_settings
 from app.system.info import model_summaries
 from app.system.router import router as system_router
+from app.web.router import router as web_router
 from app.weightdiff_lens.jobs import interrupt_active
 from app.weightdiff_lens.router import router as weightdiff_router
 
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.include_router(experiments_router)
     app.include_router(openai_router)
     app.include_router(vllm_router)
+    app.include_router(web_router)
 
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

@@ -401,6 +401,8 @@ class RunningBatch:
             return
         device = self.source.device
         amplified = logit_diff(self.after, self.before, self.alphas)  # [B, V] fp32
+        # Greedy rows read one argmax of the whole batch: one device sync, not one per row.
+        greedy = amplified.argmax(-1).tolist() if any(lv.config.sampling.greedy for lv in self.live) else []
         keep: list[int] = []
         next_tokens: list[int] = []
         for i, live in enumerate(self.live):
@@ -408,7 +410,7 @@ class RunningBatch:
                 continue
             state, config = live.state, live.config
             try:
-                token = sample(amplified[i], config.sampling, live.generator)
+                token = greedy[i] if config.sampling.greedy else sample(amplified[i], config.sampling, live.generator)
             except NonFiniteLogitsError as exc:
                 if live.ticket is None:
                     raise  # a plain decode: the caller's request fails
