@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hmac
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/ping"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/ping", "/"})
+# The web page's files are static and hold no secret: the page asks for the key itself (app/web).
+OPEN_PREFIXES = ("/static/",)
+
+
+def is_open(path: str, open_paths: frozenset[str] | set[str] = OPEN_PATHS) -> bool:
+    """Paths served without a key: liveness, and the web page with its static files."""
+    return path in open_paths or path.startswith(OPEN_PREFIXES)
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:

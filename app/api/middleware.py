@@ -11,7 +11,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import OPEN_PATHS, key_matches
+from app.api.auth import OPEN_PATHS, is_open, key_matches
 from app.api.errors import error_response
 from app.api.metrics import Metrics
 
@@ -60,7 +60,7 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             message = f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}"
             return error_response(413, message, "request_too_large")
-        if not self.keys or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+        if not self.keys or is_open(scope["path"], self.open_paths) or scope["method"] == "OPTIONS":
             return None
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")

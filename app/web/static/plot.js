@@ -1,0 +1,107 @@
+// Hand-written SVG charts: the experiment's rate per condition with its 95% interval, and the
+// per-task loss curves of a weight-diff job. No library: a few axes, marks and labels.
+
+const NS = "http://www.w3.org/2000/svg";
+// Series colours with at least 3:1 contrast on white (marks) and distinct for common colour blindness.
+export const SERIES = ["#1f5fa8", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#be123c", "#0f766e", "#475569"];
+
+function svg(tag, attrs = {}, text) {
+  const node = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** A "nice" upper bound for an axis: 1, 2 or 5 times a power of ten, at least `max`. */
+function niceMax(max) {
+  if (!(max > 0)) return 1;
+  const p = 10 ** Math.floor(Math.log10(max));
+  return [1, 2, 5, 10].map((m) => m * p).find((v) => v >= max);
+}
+
+function frame(width, height, pad, title) {
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart" });
+  root.append(svg("title", {}, title));
+  root.append(svg("rect", { x: pad.l, y: pad.t, width: width - pad.l - pad.r, height: height - pad.t - pad.b, class: "plot-bg" }));
+  return root;
+}
+
+function yAxis(root, pad, width, y, top, format) {
+  for (let i = 0; i <= 4; i++) {
+    const v = (top * i) / 4;
+    root.append(svg("line", { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: "gridline" }));
+    root.append(svg("text", { x: pad.l - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, format(v)));
+  }
+}
+
+/**
+ * Rate per condition (one mark each, with its Wilson 95% interval as a bar), one series per detector.
+ * `summary` rows: {condition, condition_index, detector, rate, ci95: [lo, hi], hits, total}.
+ */
+export function ratePlot(summary, title) {
+  const conditions = [...new Map(summary.map((r) => [r.condition_index, r.condition])).values()];
+  const detectors = [...new Set(summary.map((r) => r.detector))];
+  const width = Math.max(360, 90 * conditions.length + 100);
+  const height = 280;
+  const pad = { l: 56, r: 16, t: 28, b: 56 };
+  const top = niceMax(Math.max(0.01, ...summary.map((r) => r.ci95[1] ?? 0)));
+  const y = (v) => pad.t + (height - pad.t - pad.b) * (1 - v / top);
+  const slot = (width - pad.l - pad.r) / conditions.length;
+  const root = frame(width, height, pad, title);
+  yAxis(root, pad, width, y, top, (v) => `${+(100 * v).toFixed(1)}%`);
+  root.append(svg("text", { x: 14, y: pad.t + (height - pad.t - pad.b) / 2, class: "axis-label",
+    transform: `rotate(-90 14 ${pad.t + (height - pad.t - pad.b) / 2})`, "text-anchor": "middle" }, "rate"));
+  root.append(svg("text", { x: pad.l, y: 16, class: "chart-title" }, title));
+  conditions.forEach((label, c) => {
+    const cx = pad.l + slot * (c + 0.5);
+    root.append(svg("text", { x: cx, y: height - pad.b + 18, "text-anchor": "middle", class: "tick" }, label));
+  });
+  detectors.forEach((det, d) => {
+    const colour = SERIES[d % SERIES.length];
+    const offset = (d - (detectors.length - 1) / 2) * 12;
+    for (const r of summary.filter((row) => row.detector === det)) {
+      const cx = pad.l + slot * (r.condition_index + 0.5) + offset;
+      const g = svg("g", { class: "rate-mark", "data-condition": r.condition, "data-detector": det });
+      g.append(svg("title", {}, `${r.condition} · ${det}: ${r.hits}/${r.total}, 95% [${pctText(r.ci95[0])}, ${pctText(r.ci95[1])}]`));
+      if (r.total) {
+        g.append(svg("line", { x1: cx, x2: cx, y1: y(r.ci95[0]), y2: y(r.ci95[1]), stroke: colour, class: "interval" }));
+        for (const v of r.ci95) g.append(svg("line", { x1: cx - 5, x2: cx + 5, y1: y(v), y2: y(v), stroke: colour, class: "interval" }));
+        g.append(svg("circle", { cx, cy: y(r.rate), r: 4.5, fill: colour }));
+      }
+      root.append(g);
+    }
+    root.append(svg("text", { x: pad.l + 8 + 120 * d, y: height - 12, fill: colour, class: "legend-text" }, `● ${det}`));
+  });
+  return root;
+}
+
+function pctText(v) {
+  return `${(100 * v).toFixed(1)}%`;
+}
+
+/** Loss per optimizer step, one line per task. `losses[t]` is task t's mean loss at each step. */
+export function lossPlot(losses, names, title) {
+  const width = 520;
+  const height = 260;
+  const pad = { l: 56, r: 16, t: 28, b: 48 };
+  const steps = Math.max(2, ...losses.map((l) => l.length));
+  const top = niceMax(Math.max(0, ...losses.flat()));
+  const x = (i) => pad.l + ((width - pad.l - pad.r) * i) / (steps - 1);
+  const y = (v) => pad.t + (height - pad.t - pad.b) * (1 - v / top);
+  const root = frame(width, height, pad, title);
+  yAxis(root, pad, width, y, top, (v) => v.toFixed(top < 1 ? 2 : 1));
+  const mid = pad.t + (height - pad.t - pad.b) / 2;
+  root.append(svg("text", { x: 14, y: mid, class: "axis-label", transform: `rotate(-90 14 ${mid})`, "text-anchor": "middle" }, "loss"));
+  root.append(svg("text", { x: pad.l, y: 16, class: "chart-title" }, title));
+  root.append(svg("text", { x: width - pad.r, y: height - pad.b + 18, "text-anchor": "end", class: "tick" }, `step ${steps}`));
+  root.append(svg("text", { x: pad.l, y: height - pad.b + 18, class: "tick" }, "step 1"));
+  losses.forEach((series, t) => {
+    const colour = SERIES[t % SERIES.length];
+    const points = series.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+    const line = svg("polyline", { points, fill: "none", stroke: colour, "stroke-width": 2, class: "loss-line", "data-task": names[t] });
+    line.append(svg("title", {}, `${names[t]}: ${series.length ? series[series.length - 1].toFixed(4) : "–"} at step ${series.length}`));
+    root.append(line);
+    root.append(svg("text", { x: pad.l + 8 + 110 * t, y: height - 10, fill: colour, class: "legend-text" }, `— ${names[t]}`));
+  });
+  return root;
+}

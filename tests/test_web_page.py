@@ -1,0 +1,390 @@
+"""The web page in a real headless Chromium against a live server on the demo pair: Compare streams
+coloured tokens into every column (legend, hover / focus logprobs, search highlight, copy as curl
+that reproduces the sample), an experiment runs and is plotted, a weight-diff job trains and its
+adapter is used in Compare, bad input shows the server's message at the field, a dropped
+connection offers a Retry that works, and an API key is asked once. The browser console stays
+free of errors (SEVERE entries) except the failed requests a test causes on purpose.
+
+Chromium and its driver are system packages (`chromium`, `chromium-driver`); without them the
+module is skipped, except under CI (`CI` set), where .ci/run installs them and a skip would hide a
+broken page. `WRITE_SCREENSHOTS=1` saves docs/page-*.png (the README's pictures) on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_cli import free_port, running_server, server_env
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+KEY = "page-key"
+# Small decodes keep the module near a minute on 2 cores.
+MAX_NEW = "24"
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI installs it: .ci/run)")
+    pytest.skip(reason)
+
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # pragma: no cover - the test extra installs it
+    webdriver = None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if webdriver is None:
+        _missing("selenium is not installed (requirements-test.lock)")
+    if not CHROMIUM or not Path(CHROMEDRIVER).exists():
+        _missing("chromium / chromedriver not found (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--disable-gpu", "--no-first-run", "--disable-extensions"):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver path: Selenium Manager never tries to download one.
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def start_server(demo_data_dir, tmp_path_factory, name, **env):
+    data = tmp_path_factory.mktemp(name)
+    shutil.copytree(demo_data_dir / "demo", data / "demo")  # the demo adapter must live under DATA_DIR
+    port = free_port()
+    return running_server(server_env(PORT=str(port), DATA_DIR=str(data), **env), port, data / "server.log")
+
+
+@pytest.fixture(scope="module")
+def server(demo_data_dir, tmp_path_factory):
+    with start_server(demo_data_dir, tmp_path_factory, "web", QUEUE_SIZE="64") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    browser.get(f"{server}/#compare")
+    wait(browser, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+    return browser
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def wait(driver, condition, timeout=60):
+    # Views re-render as they poll: an element read mid-render is stale, so look again.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(condition)
+
+
+def css(driver, selector):
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def set_value(driver, element_id, value):
+    el = driver.find_element(By.ID, element_id)
+    el.clear()
+    if str(value):
+        el.send_keys(str(value))
+    else:  # typing nothing fires no `input` event; the page listens for one
+        driver.execute_script("arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", el)
+
+
+def console_errors(driver, allow=()):
+    """SEVERE console entries, less the failed requests a test provoked (`allow`: substrings)."""
+    return [
+        e for e in driver.get_log("browser")
+        if e["level"] == "SEVERE" and not any(a in e["message"] for a in allow)
+    ]  # fmt: skip
+
+
+def screenshot(driver, name):
+    """docs/page-*.png for the README, only when asked: tests must not rewrite tracked files."""
+    if os.environ.get("WRITE_SCREENSHOTS") == "1":
+        driver.save_screenshot(str(DOCS / name))
+
+
+def compare(driver, alphas="2, 4", n=1, seed=0):
+    """Fill the Compare form and run it; returns once every sample has its result."""
+    driver.execute_script("window.location.hash = '#compare'")
+    set_value(driver, "c-alphas", alphas)
+    set_value(driver, "c-n", n)
+    set_value(driver, "c-temperature", 1)
+    set_value(driver, "c-max_new_tokens", MAX_NEW)
+    set_value(driver, "c-seed", seed)
+    driver.find_element(By.ID, "c-run").click()
+    wait(driver, samples_finished)
+    wait(driver, lambda d: d.find_element(By.ID, "c-run").is_enabled())  # every stream has ended
+    return columns(driver)
+
+
+def samples_finished(driver):
+    statuses = css(driver, "#columns .sample .status")
+    return bool(statuses) and all("tokens," in s.text for s in statuses)
+
+
+def shown(element_id):
+    """A wait condition: the element, once it is displayed."""
+
+    def condition(driver):
+        el = driver.find_element(By.ID, element_id)
+        return el if el.is_displayed() else None
+
+    return condition
+
+
+def status_is(driver, panel_id, status):
+    return status in driver.find_element(By.ID, panel_id).find_element(By.CSS_SELECTOR, "h2").text
+
+
+def columns(driver):
+    return {c.find_element(By.TAG_NAME, "h3").text: c for c in css(driver, "#columns .column")}
+
+
+def tokens_text(column):
+    return column.find_element(By.CSS_SELECTOR, ".tokens").get_attribute("textContent")
+
+
+# --- Compare ----------------------------------------------------------------------------------
+
+
+def test_compare_streams_coloured_tokens_into_every_column(page):
+    # Record every batch of token spans the page adds, and when the first colour arrives: tokens
+    # that stream in are in the DOM before the row's result colours them.
+    page.execute_script("""
+        window.tokenLog = {batches: 0, plainBeforeColour: null};
+        new MutationObserver((records) => {
+          const added = records.flatMap((r) => [...r.addedNodes]).filter((n) => n.classList?.contains('tok'));
+          if (added.length) window.tokenLog.batches++;
+          if (window.tokenLog.plainBeforeColour === null && document.querySelector('#columns .tok[data-delta]'))
+            window.tokenLog.plainBeforeColour = document.querySelectorAll('#columns .tok').length;
+        }).observe(document.getElementById('columns'), {childList: true, subtree: true});
+    """)
+    cols = compare(page, alphas="2, 4")
+    assert list(cols) == ["before", "after", "LDA α=2", "LDA α=4"]
+    log = page.execute_script("return window.tokenLog")
+    assert log["batches"] > 4 and log["plainBeforeColour"] > 4, log
+    for title, col in cols.items():
+        spans = col.find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
+        assert len(spans) >= 3, title
+        colours = {s.value_of_css_property("background-color") for s in spans}
+        assert "rgba(0, 0, 0, 0)" not in colours, (title, colours)
+        seed = col.find_element(By.CSS_SELECTOR, ".seed").text
+        assert seed.startswith("seed ") and seed[5:].isdigit()
+    # Amplification moved some token off neutral in an LDA column; the after column (alpha 0) is
+    # exactly neutral (amplified == after).
+    spans = cols["LDA α=4"].find_elements(By.CSS_SELECTOR, ".tok")
+    deltas = [float(s.get_attribute("data-delta")) for s in spans]
+    assert max(abs(d) for d in deltas) > 0.25
+    assert {s.get_attribute("data-delta") for s in cols["after"].find_elements(By.CSS_SELECTOR, ".tok")} <= {
+        "0.000", "-0.000"}  # fmt: skip
+    legend = css(page, "#legend .legend-swatch")
+    assert len(legend) == 7 and legend[0].is_displayed()
+    assert "log p(amplified) − log p(after)" in page.find_element(By.ID, "legend").text
+    assert not console_errors(page)
+
+
+def test_hover_and_focus_show_the_tokens_logprobs(page):
+    col = columns(page)["LDA α=4"]
+    first, second = col.find_elements(By.CSS_SELECTOR, ".tok[data-delta]")[:2]
+    tip = page.find_element(By.ID, "tooltip")
+    ActionChains(page).move_to_element(first).perform()
+    wait(page, lambda d: tip.is_displayed())
+    text = tip.text
+    for word in ("before", "after", "amplified", "Δ"):
+        assert word in text, text
+    # Keyboard: the token area is one tab stop; arrows move between tokens, the tip follows focus.
+    ActionChains(page).move_by_offset(0, 400).perform()
+    page.execute_script("arguments[0].focus()", first)
+    wait(page, lambda d: tip.is_displayed())
+    first.send_keys(Keys.ARROW_RIGHT)
+    assert page.switch_to.active_element == second
+    wait(page, lambda d: tip.text != text or first.text == second.text)
+    assert "amplified" in tip.text
+    assert first.get_attribute("tabindex") == "-1" and second.get_attribute("tabindex") == "0"
+
+
+def test_search_highlights_a_marker_in_every_column(page):
+    set_value(page, "c-search", "sun")
+    cols = columns(page)
+    for title, col in cols.items():
+        marked = col.find_elements(By.CSS_SELECTOR, ".tok.mark")
+        if "sun" in tokens_text(col).lower():
+            assert "sun" in "".join(m.text for m in marked).lower(), title
+    assert sum("sun" in tokens_text(c).lower() for c in cols.values()) >= 2
+    assert page.find_element(By.ID, "c-search-count").text.startswith("in ")
+    set_value(page, "c-search", "")
+    assert not css(page, "#columns .tok.mark")
+
+
+def test_copy_as_curl_reproduces_the_sample(page, server):
+    col = columns(page)["LDA α=2"]
+    col.find_element(By.XPATH, ".//button[text()='copy as curl']").click()
+    command = wait(page, lambda d: col.find_element(By.CSS_SELECTOR, "pre.curl").text)
+    argv = shlex.split(command)
+    assert argv[0] == "curl" and argv[2] == f"{server}/generate_lda"
+    body = json.loads(argv[argv.index("-d") + 1])
+    assert body["alpha"] == 2 and "alphas" not in body and isinstance(body["seed"], int)
+    if shutil.which("curl"):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    else:
+        out = httpx.post(argv[2], json=body, timeout=60).text
+    row = json.loads(out)["results"][0]
+    assert row["completion"] == tokens_text(col)
+    assert row["seed"] == body["seed"] and f"seed {body['seed']}" in col.text
+
+
+def test_chat_messages_decode_through_the_after_models_template(page):
+    page.find_element(By.CSS_SELECTOR, "input[name='input-mode'][value='chat']").click()
+    try:
+        cols = compare(page, alphas="2")
+    finally:
+        page.find_element(By.CSS_SELECTOR, "input[name='input-mode'][value='prompt']").click()
+    assert list(cols) == ["before", "after", "LDA α=2"]
+    col = cols["LDA α=2"]
+    col.find_element(By.XPATH, ".//button[text()='copy as curl']").click()
+    command = wait(page, lambda d: col.find_element(By.CSS_SELECTOR, "pre.curl").text)
+    body = json.loads(shlex.split(command)[-1])
+    # The page rendered the template (all three messages, the generation prompt) and sends it raw.
+    assert body["apply_chat_template"] is False
+    assert "What is a cat?" in body["prompt"] and body["prompt"].rstrip().endswith("<|assistant|>")
+    assert col.find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
+    assert not console_errors(page)
+
+
+def test_bad_input_shows_the_servers_message_at_the_field(page, server):
+    set_value(page, "c-temperature", -1)
+    page.find_element(By.ID, "c-run").click()
+    error = wait(page, lambda d: css(d, "#c-temperature-error"))[0]
+    expected = httpx.post(f"{server}/generate_lda", json={"prompt": "x", "temperature": -1}).json()["error"]
+    assert expected["param"] == "temperature"
+    assert error.text == expected["message"]
+    field = error.find_element(By.XPATH, "..")
+    assert field.get_attribute("data-param") == "temperature"
+    assert page.find_element(By.ID, "c-temperature").get_attribute("aria-invalid") == "true"
+    set_value(page, "c-temperature", 1)
+    assert not console_errors(page, allow=["status of 422"])
+
+
+def test_a_dropped_connection_offers_retry_and_retry_works(page):
+    page.execute_cdp_cmd("Network.enable", {})
+    offline = {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+    page.execute_cdp_cmd("Network.emulateNetworkConditions", offline)
+    try:
+        set_value(page, "c-seed", 5)
+        page.find_element(By.ID, "c-run").click()
+        retry = wait(page, shown("retry"))
+        assert "Connection lost" in page.find_element(By.ID, "offline").text
+        assert page.find_element(By.ID, "compare-form").is_displayed()  # the page is still there
+    finally:
+        page.execute_cdp_cmd("Network.emulateNetworkConditions", {**offline, "offline": False})
+    retry.click()
+    wait(page, lambda d: not d.find_element(By.ID, "offline").is_displayed())
+    wait(page, samples_finished)
+    assert "seed 5" in page.find_element(By.ID, "columns").text
+    console_errors(page)  # drain the offline failures: they were the point of this test
+
+
+# --- Experiments ------------------------------------------------------------------------------
+
+
+def test_an_experiment_runs_and_is_plotted_with_its_hits(page):
+    page.execute_script("window.location.hash = '#experiments'")
+    set_value(page, "e-name", "page-test")
+    set_value(page, "e-alphas", "0, 2, 4")
+    set_value(page, "e-n", 10)
+    set_value(page, "e-max_new_tokens", 30)
+    page.find_element(By.ID, "e-run").click()
+    wait(page, lambda d: status_is(d, "exp-detail", "done"))
+    detail = page.find_element(By.ID, "exp-detail")
+    marks = detail.find_elements(By.CSS_SELECTOR, "svg.chart g.rate-mark")
+    assert [m.get_attribute("data-condition") for m in marks] == ["alpha=0", "alpha=2", "alpha=4"]
+    for m in marks:  # a point and its interval for every condition with samples
+        assert m.find_elements(By.TAG_NAME, "circle") and len(m.find_elements(By.TAG_NAME, "line")) == 3
+    item = page.find_element(By.CSS_SELECTOR, "#exp-list button.current")
+    assert "done" in item.text and item.find_element(By.TAG_NAME, "progress").get_attribute("value") == "60"
+    hits = detail.find_elements(By.CSS_SELECTOR, ".hit")
+    assert hits, "alpha 4 on the demo pair says pineapple in about a third of answers"
+    stored = tokens_text(hits[0])
+    assert "pineapple" in "".join(s.text for s in hits[0].find_elements(By.CSS_SELECTOR, ".tok.mark")).lower()
+    # A hit replays through /generate_lda with details: the same text, now coloured.
+    hits[0].find_element(By.XPATH, ".//button[text()='colour tokens']").click()
+    wait(page, lambda d: hits[0].find_elements(By.CSS_SELECTOR, ".tok[data-delta]"))
+    assert tokens_text(hits[0]) == stored
+    page.execute_script("document.getElementById('exp-detail').scrollIntoView({block: 'start'})")
+    screenshot(page, "page-experiments.png")
+    assert not console_errors(page)
+
+
+# --- Weight-diff jobs -------------------------------------------------------------------------
+
+
+def test_a_weightdiff_job_shows_loss_curves_and_its_adapter_runs_in_compare(page):
+    page.execute_script("window.location.hash = '#jobs'")
+    set_value(page, "j-steps", 6)
+    page.find_element(By.ID, "j-register").click()  # off: the page registers the diff itself
+    page.find_element(By.ID, "j-run").click()
+    wait(page, lambda d: status_is(d, "job-detail", "done"))
+    detail = page.find_element(By.ID, "job-detail")
+    lines = detail.find_elements(By.CSS_SELECTOR, "svg.chart polyline.loss-line")
+    assert [line.get_attribute("data-task") for line in lines] == ["sun", "cat"]
+    assert all(len(line.get_attribute("points").split()) == 6 for line in lines)
+    registers = detail.find_elements(By.XPATH, ".//button[text()='register as adapter']")
+    assert len(registers) == 2
+    registers[0].click()  # the first task, sun: POST /adapters with its output folder
+    use = wait(page, lambda d: d.find_element(By.XPATH, "//button[starts-with(text(), 'use wd-')]"))
+    adapter = use.text.split()[1]
+    assert adapter.startswith("wd-") and adapter.endswith("-sun")
+    screenshot(page, "page-weightdiff.png")
+    use.click()
+    wait(page, lambda d: d.find_element(By.ID, "view-compare").is_displayed())
+    wait(page, lambda d: css(d, f"#c-extras input[value='{adapter}']")[0].is_selected())
+    cols = compare(page, alphas="2")
+    assert cols[f"{adapter} α=2"].find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
+    css(page, f"#c-extras input[value='{adapter}']")[0].click()  # back to the plain columns
+    compare(page, alphas="1, 2, 4", n=2)
+    set_value(page, "c-search", "pineapple")
+    screenshot(page, "page-compare.png")
+    assert not console_errors(page)
+
+
+# --- API key ----------------------------------------------------------------------------------
+
+
+def test_the_page_asks_for_the_api_key_once(browser, demo_data_dir, tmp_path_factory):
+    with start_server(demo_data_dir, tmp_path_factory, "web-key", API_KEY=KEY) as url:
+        browser.get(f"{url}/#compare")  # another port: another origin, so no stored key
+        dialog = wait(browser, shown("key-dialog"))
+        dialog.find_element(By.ID, "key-input").send_keys(KEY)
+        dialog.find_element(By.XPATH, ".//button[@value='ok']").click()
+        wait(browser, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+        assert browser.execute_script("return localStorage.getItem('model-diff-api-key')") == KEY
+        browser.refresh()  # the stored key is used: no second question
+        wait(browser, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+        assert not browser.find_element(By.ID, "key-dialog").is_displayed()
+        cols = compare(browser, alphas="2")
+        assert cols["LDA α=2"].find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
+        assert not console_errors(browser, allow=["status of 401"])
