@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         "the running batch as a whole and each request; larger requests run in chunks of this size",
     )
     max_prefill_tokens: int = Field(
-        8192,
+        4096,
         ge=1,
         description="prompt tokens prefilled between two decode steps while rows decode (at least one "
         "request joins per step), so a flood of new requests cannot stall the running batch",

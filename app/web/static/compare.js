@@ -21,11 +21,14 @@ function sampling() {
     n: num("c-n"),
     temperature: num("c-temperature"),
     top_p: num("c-top_p"),
+    top_k: num("c-top_k"),
     max_new_tokens: num("c-max_new_tokens"),
     details: true,
   };
   const seed = num("c-seed");
   if (seed !== undefined) body.seed = seed;
+  const stop = text("c-stop");
+  if (stop) body.stop = [stop];
   return body;
 }
 
