@@ -211,13 +211,16 @@ def test_hover_and_focus_show_the_tokens_logprobs(page):
     col = columns(page)["LDA α=4"]
     first, second = col.find_elements(By.CSS_SELECTOR, ".tok[data-delta]")[:2]
     tip = page.find_element(By.ID, "tooltip")
+    # The pointer can only reach what is in the viewport (the form above may push the columns down).
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", first)
     ActionChains(page).move_to_element(first).perform()
     wait(page, lambda d: tip.is_displayed())
     text = tip.text
     for word in ("before", "after", "amplified", "Δ"):
         assert word in text, text
     # Keyboard: the token area is one tab stop; arrows move between tokens, the tip follows focus.
-    ActionChains(page).move_by_offset(0, 400).perform()
+    ActionChains(page).move_to_element(col.find_element(By.TAG_NAME, "h3")).perform()  # pointer off the tokens
+    wait(page, lambda d: not tip.is_displayed())
     page.execute_script("arguments[0].focus()", first)
     wait(page, lambda d: tip.is_displayed())
     first.send_keys(Keys.ARROW_RIGHT)
