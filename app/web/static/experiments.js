@@ -5,7 +5,7 @@
 import { getJSON, postJSON, stream } from "./api.js";
 import { ratePlot } from "./plot.js";
 import { appendPiece, applyDetails, highlight, tokenArea } from "./tokens.js";
-import { clearErrors, el, fill, num, numberList, online, pct, showError, text } from "./ui.js";
+import { clearErrors, el, fill, listEntry, num, numberList, online, pct, showError, text } from "./ui.js";
 
 const form = () => document.getElementById("exp-form");
 let selected = null;
@@ -45,14 +45,9 @@ function progressBar(p, label) {
 }
 
 function listItem(exp) {
-  const current = exp.id === selected;
-  return el("li", {},
-    el("button", { type: "button", class: `item${current ? " current" : ""}`, "aria-pressed": String(current),
-      "data-id": exp.id, onclick: () => select(exp.id) },
-      el("span", { class: "item-title" }, exp.name),
-      el("span", { class: `status s-${exp.status}` }, exp.status),
-      progressBar(exp.progress, `${exp.name} progress`),
-      el("span", { class: "muted small" }, `${exp.progress.done}/${exp.progress.total}`)));
+  const { done, total } = exp.progress;
+  return listEntry({ id: exp.id, title: exp.name, status: exp.status, done, total, count: `${done}/${total}`,
+    current: exp.id === selected, onSelect: () => select(exp.id) });
 }
 
 async function select(id) {

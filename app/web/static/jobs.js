@@ -4,7 +4,7 @@
 import { getJSON, postJSON } from "./api.js";
 import { selectExtra } from "./compare.js";
 import { lossPlot } from "./plot.js";
-import { clearErrors, el, fill, num, online, showError, text } from "./ui.js";
+import { clearErrors, el, fill, listEntry, num, online, showError, text } from "./ui.js";
 
 const form = () => document.getElementById("job-form");
 let selected = null;
@@ -39,15 +39,9 @@ async function submit() {
 }
 
 function listItem(job) {
-  const current = job.id === selected;
-  const total = job.total_steps || job.step || 1;
-  return el("li", {},
-    el("button", { type: "button", class: `item${current ? " current" : ""}`, "aria-pressed": String(current),
-      "data-id": job.id, onclick: () => select(job.id) },
-      el("span", { class: "item-title" }, `${job.id} (${job.task_names.length} tasks)`),
-      el("span", { class: `status s-${job.status}` }, job.status),
-      el("progress", { max: total, value: job.step, "aria-label": `job ${job.id} progress` }),
-      el("span", { class: "muted small" }, `step ${job.step}/${job.total_steps ?? "?"}`)));
+  return listEntry({ id: job.id, title: `${job.id} (${job.task_names.length} tasks)`, status: job.status,
+    done: job.step, total: job.total_steps || job.step || 1, count: `step ${job.step}/${job.total_steps ?? "?"}`,
+    current: job.id === selected, onSelect: () => select(job.id) });
 }
 
 async function select(id) {

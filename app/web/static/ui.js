@@ -107,3 +107,18 @@ export function fmt(x, digits = 2) {
 export function pct(x) {
   return x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`;
 }
+
+/**
+ * An entry of a side list (experiments, weight-diff jobs): a button with the title, the status,
+ * a progress bar and a count, pressed when it is the one shown.
+ */
+export function listEntry({ id, title, status, done, total, count, current, onSelect }) {
+  return el("li", {},
+    el("button", { type: "button", class: `item${current ? " current" : ""}`, "aria-pressed": String(current),
+      "data-id": id, onclick: onSelect },
+      el("span", { class: "item-title" }, title),
+      el("span", { class: `status s-${status}` }, status),
+      el("progress", { max: total || 1, value: done, "aria-label": `${title} progress`,
+        title: pct(total ? done / total : 0) }),
+      el("span", { class: "muted small" }, count)));
+}
