@@ -266,6 +266,7 @@ def test_info_lists_the_batch_limits(client):
     limits = client.get("/info").json()["limits"]
     assert limits["max_rows_per_request"] == DEFAULT_ROWS == 1024
     assert limits["max_batch_tokens"] == BUDGET
+    assert limits["max_batch_rows"] == 256 and limits["max_prefill_tokens"] == 4096  # the defaults
 
 
 # --- the seed's client, against a real server process on the demo pair ---------------------------

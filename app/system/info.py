@@ -67,6 +67,8 @@ def info_body(
             "max_new_tokens": settings.max_new_tokens_limit,
             "max_rows_per_request": settings.max_rows_per_request,
             "max_batch_tokens": settings.max_batch_tokens,
+            "max_batch_rows": settings.max_batch_rows,
+            "max_prefill_tokens": settings.max_prefill_tokens,
             "max_stop_strings": settings.max_stop_strings,
             "queue_size": settings.queue_size,
             "max_body_bytes": settings.max_body_bytes,
