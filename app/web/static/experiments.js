@@ -5,7 +5,7 @@
 import { getJSON, postJSON, stream } from "./api.js";
 import { ratePlot } from "./plot.js";
 import { appendPiece, applyDetails, highlight, tokenArea } from "./tokens.js";
-import { clearErrors, el, fill, listEntry, num, numberList, online, pct, showError, text } from "./ui.js";
+import { clearErrors, el, fill, listEntry, num, numberList, online, pct, progressBar, showError, text } from "./ui.js";
 
 const form = () => document.getElementById("exp-form");
 let selected = null;
@@ -37,11 +37,6 @@ async function submit() {
   } catch (exc) {
     showError(form(), exc, submit);
   }
-}
-
-function progressBar(p, label) {
-  const value = p.total ? p.done / p.total : 0;
-  return el("progress", { max: p.total || 1, value: p.done, "aria-label": label, title: pct(value) });
 }
 
 function listItem(exp) {
@@ -81,7 +76,7 @@ async function showDetail(id) {
   fill(panel,
     el("h2", {}, `${exp.name} `, el("span", { class: `status s-${exp.status}` }, exp.status)),
     exp.error ? el("p", { class: "field-error" }, exp.error) : null,
-    progressBar(exp.progress, "progress"),
+    progressBar(exp.progress.done, exp.progress.total, "progress"),
     ratePlot(exp.summary, `${exp.name}: rate per condition, 95% intervals`),
     el("table", { class: "summary" },
       el("thead", {}, el("tr", {}, ["condition", "detector", "hits", "rate", "95% CI"].map((h) => el("th", {}, h)))),

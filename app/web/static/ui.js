@@ -108,6 +108,11 @@ export function pct(x) {
   return x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`;
 }
 
+/** A progress bar with its percentage as a tooltip. */
+export function progressBar(done, total, label) {
+  return el("progress", { max: total || 1, value: done, "aria-label": label, title: pct(total ? done / total : 0) });
+}
+
 /**
  * An entry of a side list (experiments, weight-diff jobs): a button with the title, the status,
  * a progress bar and a count, pressed when it is the one shown.
@@ -118,7 +123,6 @@ export function listEntry({ id, title, status, done, total, count, current, onSe
       "data-id": id, onclick: onSelect },
       el("span", { class: "item-title" }, title),
       el("span", { class: `status s-${status}` }, status),
-      el("progress", { max: total || 1, value: done, "aria-label": `${title} progress`,
-        title: pct(total ? done / total : 0) }),
+      progressBar(done, total, `${title} progress`),
       el("span", { class: "muted small" }, count)));
 }
