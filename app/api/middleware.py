@@ -1,4 +1,4 @@
-"""Plain ASGI middleware: request counting, body-size limit, API keys.
+"""Plain ASGI middleware: request counting, body-size limit (declared and streamed), API keys.
 
 Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware re-wraps `receive`, which hides a
 client's disconnect from the route, and the route needs to see it to cancel the engine job.
@@ -11,7 +11,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import OPEN_PATHS, is_open, key_matches
+from app.api.auth import OPEN_PATHS, is_open, key_matches, presented_key
 from app.api.errors import error_response
 from app.api.metrics import Metrics
 
@@ -39,6 +39,32 @@ class CountRequests:
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
+class BodyLimit:
+    """Counts the bytes `receive` hands the app and cuts the body off past `limit`.
+
+    `Content-Length` alone is not enough: a chunked body has none, and Starlette reads it whole into
+    memory before parsing. Past the limit the app gets `http.disconnect` instead of the chunk, so it
+    stops reading (nothing beyond the limit is ever buffered) and cannot parse a truncated body;
+    uvicorn pauses the socket while nobody reads and discards the rest once the response is sent.
+    """
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive, self.limit = receive, limit
+        self.received = 0
+        self.exceeded = False
+
+    async def __call__(self) -> Message:
+        if self.exceeded:
+            return {"type": "http.disconnect"}
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                self.exceeded = True
+                return {"type": "http.disconnect"}
+        return message
+
+
 class Guard:
     """Refuse oversized bodies (413) and, when keys are configured, requests without one (401)."""
 
@@ -53,7 +79,32 @@ class Guard:
         refusal = self._refusal(scope, headers)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)
+        await self._limited(scope, BodyLimit(receive, self.max_body_bytes), send)
+
+    async def _limited(self, scope: Scope, body: BodyLimit, send: Send) -> None:
+        """Run the app on the counted body; answer 413 instead of whatever it made of a cut-off one.
+
+        After the cut the app sees a disconnect (FastAPI answers 400, a route may raise): that
+        answer is dropped and the 413 sent in its place, unless the app had started its response
+        before the body ran over, when nothing can be taken back.
+        """
+        started = False
+
+        async def send_unless_cut(message: Message) -> None:
+            nonlocal started
+            if body.exceeded and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, body, send_unless_cut)
+        except Exception:
+            if not (body.exceeded and not started):
+                raise
+        if body.exceeded and not started:
+            message = f"request body exceeds the limit of {self.max_body_bytes} bytes"
+            await error_response(413, message, "request_too_large")(scope, body, send)
 
     def _refusal(self, scope: Scope, headers: Headers) -> Any:
         length = headers.get("content-length")
@@ -62,11 +113,7 @@ class Guard:
             return error_response(413, message, "request_too_large")
         if not self.keys or is_open(scope["path"], self.open_paths) or scope["method"] == "OPTIONS":
             return None
-        auth = headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        presented = (
-            token.strip() if scheme.lower() == "bearer" and token.strip() else headers.get("x-api-key")
-        )
+        presented = presented_key(headers)
         if presented is None or not key_matches(presented, self.keys):
             return error_response(
                 401,
