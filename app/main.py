@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -68,12 +69,38 @@ def setup_amplifier(pair: Any, demo: Any, settings: Settings) -> Amplifier:
     return amp
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """One warning at start when the API listens beyond this machine with no API_KEY.
+
+    The image binds 0.0.0.0 and RunPod/Vast publish the port: without a key anyone who finds the
+    URL can generate, load adapters, start training jobs and send bodies up to MAX_BODY_BYTES.
+    """
+    if settings.api_keys or _loopback(settings.host):
+        return
+    log.warning(
+        "serving on %s:%d without API_KEY: every route is open to anyone who can reach this port "
+        "(generation, adapters, weight-diff and experiment jobs); set API_KEY on any public host",
+        settings.host,
+        settings.port,
+    )
+
+
 def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> FastAPI:
     """Build the app. Tests pass their own settings and a loader for tiny local models."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_exposed(settings)
         app.state.jobs = JobStore(settings.data_dir / "jobs")
         lost = app.state.jobs.recover()
         if lost:

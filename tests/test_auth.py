@@ -1,12 +1,19 @@
-"""API keys: a 401/200 matrix over every route, both header forms, open liveness routes, CORS."""
+"""API keys: a 401/200 matrix over every route, both header forms, open liveness routes (and how
+little they say without a key), CORS, the warning when serving beyond loopback without a key."""
 
 from __future__ import annotations
+
+import logging
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api.auth import key_matches
+from app.loader import load_pair
 from app.main import create_app
+from app.settings import Settings
 from tests.test_api import make_settings, wait_ready
 
 OPEN = {"/health", "/ready", "/ping"}
@@ -73,3 +80,60 @@ def test_cors_off_unless_origins_set(tiny_dirs, tmp_path):
 
 def test_key_comparison():
     assert key_matches("abc", ["x", "abc"]) and not key_matches("ab", ["abc"]) and not key_matches("abc", [])
+
+
+def test_liveness_and_readiness_say_only_the_status_without_a_key(client):
+    """Open routes on a public pod: a stranger learns that it is up and ready, not what runs there."""
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    assert client.get("/ready", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ready"}
+    detail = client.get("/ready", headers={"X-API-Key": "first-key"}).json()
+    assert detail["status"] == "ready" and detail["model_after"] and detail["model_before"]
+
+
+def test_a_failed_load_is_not_described_without_a_key(tmp_path, caplog):
+    """The load error names local paths (or gated hub ids): only a key holder and the log see it."""
+    missing = str(tmp_path / "missing-model-dir")
+    settings = Settings(model_after_id=missing, model_before_id=missing, data_dir=tmp_path, api_key="k")
+    with TestClient(create_app(settings)) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health, ready = c.get("/health"), c.get("/ready")
+        assert health.status_code == 503 and health.json()["error"]["type"] == "load_failed"
+        assert ready.status_code == 503 and ready.json()["error"]["type"] == "not_ready"
+        for r in (health, ready):
+            assert "missing-model-dir" not in r.text
+        keyed = {"Authorization": "Bearer k"}
+        assert "missing-model-dir" in c.get("/health", headers=keyed).json()["error"]["message"]
+        assert "missing-model-dir" in c.get("/ready", headers=keyed).json()["error"]["message"]
+    assert any("missing-model-dir" in r.getMessage() + (r.exc_text or "") for r in caplog.records)
+
+
+def test_still_loading_says_so_without_naming_the_models(tiny_dirs, tmp_path):
+    gate = threading.Event()
+
+    def slow_loader(settings):
+        gate.wait(30)
+        return load_pair(settings)
+
+    settings = make_settings(tiny_dirs, tmp_path, api_key="k")
+    with TestClient(create_app(settings, loader=slow_loader)) as c:
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "models are still loading"
+        gate.set()
+        wait_ready(c)
+
+
+@pytest.mark.parametrize(
+    "host, key, warned",
+    [("0.0.0.0", "", True), ("::", "", True), ("10.0.0.5", "", True), ("0.0.0.0", "k", False),
+     ("127.0.0.1", "", False), ("localhost", "", False), ("::1", "", False)],
+)
+def test_a_warning_at_start_when_listening_beyond_loopback_without_a_key(tiny_dirs, tmp_path, caplog, host, key, warned):
+    with caplog.at_level(logging.WARNING, logger="app"), TestClient(
+        create_app(make_settings(tiny_dirs, tmp_path, host=host, api_key=key))
+    ):
+        pass
+    found = [r for r in caplog.records if r.levelno == logging.WARNING and "without API_KEY" in r.getMessage()]
+    assert bool(found) == warned, [r.getMessage() for r in caplog.records]
