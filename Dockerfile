@@ -35,17 +35,31 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HOST=0.0.0.0 \
     PORT=8000 \
     DATA_DIR=/workspace/data \
-    HF_HOME=/workspace/hf
+    HF_HOME=/workspace/hf \
+    SERVER_USER=app
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Python, sshd (only started when PUBLIC_KEY is set) and certificates. Versions come with the base
 # image's release; pinning them would break every time the mirror moves.
+# The host keys the openssh-server install generates go in the same layer: kept, every container
+# from the image would share them and anyone who pulls it would hold their private halves.
+# start.sh generates each container's own key on its first start.
+# The server runs as `app` (uid/gid 1000; Ubuntu bases already hold uid 1000 as `ubuntu`, removed
+# first): start.sh starts as root, because sshd needs root, and drops to it with setpriv
+# (util-linux, in every Debian/Ubuntu base) before exec'ing the server.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates openssh-server \
     && rm -rf /var/lib/apt/lists/* \
+    && rm -f /etc/ssh/ssh_host_* \
     && mkdir -p /run/sshd /workspace \
+    && if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && groupadd --gid 1000 app \
+    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash app \
+    && mkdir -p /workspace/data /workspace/hf \
+    && chown -R app:app /workspace \
+    && setpriv --version \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir "uv==${UV_VERSION}"
 

@@ -79,3 +79,44 @@ def test_the_workflow_publishes_both_cuda_variants_the_probe_and_templates_name(
         text = json.loads((ROOT / "deploy" / "runpod" / name).read_text())["readme"]
         assert ":latest" in text and f":{CUDA12_TAG}" in text
         assert f">= {MIN_DRIVER[13]}" in text and f">= {MIN_DRIVER[12]}" in text
+
+
+def instructions(dockerfile: str) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined and comments dropped."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    return [i.strip() for i in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines() if i.strip()]
+
+
+def run_with(text: str) -> str:
+    runs = [i for i in instructions((ROOT / "Dockerfile").read_text()) if i.startswith("RUN ") and text in i]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_the_image_holds_no_ssh_host_key():
+    """Issue 25 item 5: `apt-get install openssh-server` generates host keys; kept in the image,
+    every pod shares them and anyone who pulls the image holds the private halves. They must go in
+    the layer that made them (a later RUN would only hide them under a layer that still has them)."""
+    run = run_with("openssh-server")
+    assert "rm -f /etc/ssh/ssh_host_*" in run
+    assert run.index("rm -f /etc/ssh/ssh_host_*") > run.index("apt-get install")
+    start = (ROOT / "start.sh").read_text()
+    assert "ssh-keygen -q -t ed25519" in start and "HostKey $host_key" in start
+    # Nothing in the build context could bring one back.
+    assert not [p for p in ROOT.rglob("ssh_host_*") if ".venv" not in p.parts and ".git" not in p.parts]
+
+
+def test_the_server_runs_as_a_fixed_unprivileged_user():
+    """Issue 25 item 8: the container served as root. The image has `app` (uid/gid 1000) owning
+    /workspace; the entry point stays root for sshd and exec's the server through setpriv."""
+    run = run_with("useradd")
+    assert "groupadd --gid 1000 app" in run and "useradd --uid 1000 --gid 1000" in run
+    assert "chown -R app:app /workspace" in run and "setpriv --version" in run
+    assert run.index("userdel --remove ubuntu") < run.index("useradd")  # Ubuntu bases hold uid 1000
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^\s+SERVER_USER=app$", dockerfile, re.M)
+    # No USER line: sshd (PUBLIC_KEY on RunPod) needs root; start.sh drops for the server.
+    assert not [i for i in instructions(dockerfile) if i.startswith("USER ")]
+    start = (ROOT / "start.sh").read_text()
+    assert 'SERVER_USER="${SERVER_USER:-app}"' in start
+    assert "exec setpriv --reuid=\"$SERVER_USER\"" in start and "--no-new-privs" in start
