@@ -205,6 +205,15 @@ def test_alphas_and_prompt_files(tmp_path):
     assert read_prompts(tmp_path / "p.jsonl") == [msgs]
 
 
+def test_table_shows_an_unbounded_ratio_end_as_inf():
+    # The summary writes an unbounded end (no base hits) and an infinite or undefined ratio as null.
+    row = {"condition": "alpha=1", "detector": "m", "hits": 2, "total": 3, "rate": 2 / 3,
+           "ci95": [0.2, 0.94], "ratio": None, "ratio_ci95": [0.41, None]}  # fmt: skip
+    body = {"summary": [row | {"condition": "alpha=0", "hits": 0, "rate": 0.0, "ratio_ci95": None}, row]}
+    line = " ".join(format_table(body).splitlines()[3].split())
+    assert line == "alpha=1 m 2/3 66.67% [20.00%, 94.00%] - [0.41, inf]"
+
+
 def test_table_shows_flags_and_extrapolation():
     row = {"condition": "alpha=1", "detector": "m", "hits": 3, "total": 100, "rate": 0.03,
            "ci95": [0.01, 0.085], "ratio": 2.5, "ratio_ci95": [1.1, 5.0]}  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ from lda.experiments import (
     wilson,
 )
 from lda.experiments.report import PNG_DPI, PNG_SIZE
+from lda.experiments.stats import clopper_pearson
 
 
 @pytest.mark.parametrize(
@@ -43,22 +45,111 @@ def test_wilson_edges():
         wilson(11, 10)
 
 
-def test_rate_ratio_katz():
-    ratio, lo, hi = rate_ratio(20, 100, 10, 100)
-    se = math.sqrt(1 / 20 - 1 / 100 + 1 / 10 - 1 / 100)
-    assert ratio == pytest.approx(2.0)
-    assert lo == pytest.approx(2.0 * math.exp(-1.959964 * se), rel=1e-6)
-    assert hi == pytest.approx(2.0 * math.exp(1.959964 * se), rel=1e-6)
-    assert (lo, hi) == pytest.approx((0.9865, 4.0547), abs=1e-3)
+# Exact Clopper-Pearson bounds from scipy.stats.beta.ppf(0.025, x, m - x + 1) and
+# beta.ppf(0.975, x + 1, m - x), computed outside the project (scipy is not a dependency).
+@pytest.mark.parametrize(
+    ("hits", "total", "expected"),
+    [(5, 10, (0.18708602844739855, 0.8129139715526015)), (1, 10, (0.0025285785444617848, 0.4450161170281954)),
+     (3, 7, (0.09898827844250786, 0.8159484323599169)), (40, 200, (0.1468944882157588, 0.26222636458960025)),
+     (199, 200, (0.9724581015427943, 0.999873418972133))],
+)  # fmt: skip
+def test_clopper_pearson_matches_scipy(hits, total, expected):
+    assert clopper_pearson(hits, total) == pytest.approx(expected, rel=1e-10)
 
 
-def test_rate_ratio_zero_counts_use_the_half_correction():
-    ratio, lo, hi = rate_ratio(0, 10, 5, 10)
-    assert ratio == pytest.approx((0.5 / 11) / (5.5 / 11))
-    assert 0 < lo < ratio < hi and math.isfinite(hi)
-    assert rate_ratio(0, 10, 0, 10)[0] == pytest.approx(1.0)
+@pytest.mark.parametrize("total", [1, 2, 7, 100, 10_000])
+def test_clopper_pearson_closed_forms(total):
+    # 0 or all hits: P(X = total) = p^total; one hit: P(X >= 1) = 1 - (1 - p)^total.
+    assert clopper_pearson(0, total) == pytest.approx((0.0, 1 - 0.025 ** (1 / total)), rel=1e-10)
+    assert clopper_pearson(total, total) == pytest.approx((0.025 ** (1 / total), 1.0), rel=1e-10)
+    assert clopper_pearson(1, total)[0] == pytest.approx(1 - 0.975 ** (1 / total), rel=1e-10)
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="hits=4 total=3"):
+        clopper_pearson(4, 3)
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    # the same scipy bounds on the share h1 / (h1 + h0), mapped to the ratio by share / (1 - share) * n0 / n1
+    [((63, 400, 3, 400), (21.0, 6.865190266876661, 104.55494995724116)),
+     ((20, 100, 10, 100), (2.0, 0.8935088903846907, 4.784552440338102)),
+     ((3, 3, 100, 100), (1.0, 0.2028023533488256, 3.007769271503934)),
+     ((2, 30, 7, 1000), (9.523809523809524, 0.9653351137709745, 50.01949908573646)),
+     ((500, 1000, 400, 1000), (1.25, 1.0937976472753324, 1.4292328606718516))],
+)  # fmt: skip
+def test_rate_ratio_is_the_exact_conditional_interval(counts, expected):
+    assert rate_ratio(*counts) == pytest.approx(expected, rel=1e-9)
+
+
+def test_rate_ratio_zero_hits_do_not_point_the_wrong_way():
+    # The issue: 0 hits in 5 against 5 in 100,000 read as "at least 149x the base".
+    ratio, lo, hi = rate_ratio(0, 5, 5, 100_000)
+    assert ratio == 0.0 and lo == 0.0 and math.isfinite(hi)
+    # Closed form: with h1 = 0 of m = h1 + h0 hits, the share's upper bound is 1 - 0.025^(1/m).
+    share = 1 - 0.025 ** (1 / 5)
+    assert hi == pytest.approx(share / (1 - share) * 100_000 / 5, rel=1e-9)
+    # Mirrored: no hits in the base, so the ratio and its upper end are unbounded.
+    ratio, lo, hi = rate_ratio(5, 100_000, 0, 5)
+    share = 0.025 ** (1 / 5)
+    assert ratio == math.inf and hi == math.inf
+    assert lo == pytest.approx(share / (1 - share) * 5 / 100_000, rel=1e-9)
+    # No hits anywhere: no information about the ratio.
+    ratio, lo, hi = rate_ratio(0, 10, 0, 10)
+    assert math.isnan(ratio) and (lo, hi) == (0.0, math.inf)
     with pytest.raises(ValueError, match="n1=0"):
         rate_ratio(0, 0, 1, 10)
+    with pytest.raises(ValueError, match="hits=11 total=10"):
+        rate_ratio(11, 10, 1, 10)
+
+
+def test_rate_ratio_all_hits_keep_an_interval():
+    # The issue: both groups all-hit collapsed to the point (1, 1, 1).
+    for n1, n0 in ((3, 100), (100, 100), (3, 3), (1, 1)):
+        ratio, lo, hi = rate_ratio(n1, n1, n0, n0)
+        assert ratio == 1.0 and lo < 1.0 < hi
+
+
+def test_rate_ratio_contains_its_point_and_zero_hits_stay_at_or_below_one():
+    for n1, n0 in ((1, 1), (3, 3), (3, 100), (10, 30), (100, 3)):
+        for h1 in range(n1 + 1):
+            for h0 in range(n0 + 1):
+                ratio, lo, hi = rate_ratio(h1, n1, h0, n0)
+                assert 0.0 <= lo < hi
+                if h1 + h0:
+                    assert lo <= ratio <= hi, (h1, n1, h0, n0)
+                if h1 == 0 and h0:
+                    assert ratio == 0.0 and lo == 0.0
+                if h0 == 0:
+                    assert hi == math.inf and (ratio == math.inf if h1 else math.isnan(ratio))
+
+
+def test_rate_ratio_coverage_by_simulation():
+    # Coverage of the true ratio p1 / p0 at small counts, both groups binomial. With SIMS draws a
+    # coverage of exactly 0.95 is estimated with standard error sqrt(0.95 * 0.05 / SIMS) = 0.0049;
+    # each cell must reach 0.95 less 3 of those. p = 0 makes the ratio 0 or inf (0 / 0 is skipped).
+    sims = 2000
+    floor = 0.95 - 3 * math.sqrt(0.95 * 0.05 / sims)
+    rates = (0.0, 0.001, 0.01, 0.05, 0.3, 1.0)
+    rng = np.random.default_rng(0)
+    worst = 1.0
+    for n1 in (3, 10, 30, 100):
+        for n0 in (3, 10, 30, 100):
+            cache: dict[tuple[int, int], tuple[float, float]] = {}
+            for p1 in rates:
+                for p0 in rates:
+                    if p1 == p0 == 0.0:
+                        continue
+                    truth = math.inf if p0 == 0.0 else p1 / p0
+                    covered = 0
+                    for h1, h0 in zip(rng.binomial(n1, p1, sims), rng.binomial(n0, p0, sims), strict=True):
+                        key = (int(h1), int(h0))
+                        if key not in cache:
+                            cache[key] = rate_ratio(key[0], n1, key[1], n0)[1:]
+                        lo, hi = cache[key]
+                        covered += lo <= truth <= hi
+                    worst = min(worst, covered / sims)
+                    assert covered / sims >= floor, (n1, n0, p1, p0, covered / sims)
+    assert worst >= floor
 
 
 def test_two_proportion_p():
@@ -105,6 +196,28 @@ def test_tally_and_summarize():
     assert second["ratio_ci95"] == pytest.approx(list(rate_ratio(20, 100, 5, 100)[1:]))
     control4 = next(r for r in rows if r["condition"] == "control alpha=4")
     assert control4["total"] == 0 and control4["rate"] is None and control4["ratio"] is None
+
+
+def test_summarize_zero_hit_chunk_against_a_full_base():
+    # Conditions run one after another, so the live summary compares a full first condition with
+    # the first chunk of the next: 0 hits in 3 must not read as "at least Nx the base".
+    s = spec()
+    counts = {"alpha=0": {"m": 5}, "alpha=2": {}, "control alpha=0": {"m": 2}, "control alpha=4": {}}
+    totals = {"alpha=0": 100_000, "alpha=2": 3, "control alpha=0": 3, "control alpha=4": 3}
+    rows = {(r["condition"], r["detector"]): r for r in summarize(counts, totals, s)}
+    chunk = rows["alpha=2", "m"]
+    assert chunk["ratio"] == 0.0 and chunk["ratio_ci95"][0] == 0.0 and chunk["ratio_ci95"][1] > 1
+    # No base hits: the upper end is unbounded, written null (JSON has no Infinity), the point too.
+    control = rows["control alpha=0", "x"], rows["control alpha=0", "m"]
+    assert control[0]["ratio"] is None and control[0]["ratio_ci95"] == [0.0, None]  # 0 vs 0: anything
+    assert control[1]["ratio"] == pytest.approx(2 / 3 / (5 / 100_000))
+    zero_base = summarize({"alpha=0": {}, "alpha=2": {"m": 2}}, {"alpha=0": 3, "alpha=2": 3}, s)[2]
+    assert zero_base["ratio"] is None and zero_base["ratio_ci95"][0] > 0
+    assert zero_base["ratio_ci95"][1] is None
+    rows = summarize(counts, totals, s)
+    json.dumps(rows, allow_nan=False)  # what the HTTP layer does; raises on inf or nan
+    table = list(csv.DictReader(io.StringIO(report_csv(rows))))
+    assert (table[3]["ratio"], table[3]["ratio_lo"], table[3]["ratio_hi"]) == ("", "0", "")
 
 
 def test_control_flag_rule():

@@ -291,8 +291,8 @@ def interval(ci: list[float] | None, fmt: Any = pct) -> str:
     return "" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
-def ratio_fmt(x: float) -> str:
-    return f"{x:.3g}"
+def ratio_fmt(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.3g}"  # the summary writes an unbounded end as null
 
 
 def format_table(body: dict[str, Any]) -> str:
