@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from amplification.merge import Plan
-from lda.cache_ops import can_repad, concat_caches, crop_right, trim_left
+from lda.cache_ops import can_repad, crop_right, install, joined_layers, selected_layers, trim_left
 from lda.source import input_device, logits_width
 
 Terms = list[tuple[torch.Tensor, torch.Tensor, float]]
@@ -109,7 +109,7 @@ class AdapterSource:
         a, b = self.rows, other.rows
         first = torch.arange(2 * (a + b), device=self.device)
         order = torch.cat([first[:a], first[2 * a : 2 * a + b], first[a : 2 * a], first[2 * a + b :]])
-        concat_caches(self.cache, other.cache, order)
+        install([self.cache], [joined_layers(self.cache, other.cache, order)])  # all or nothing
         self.rows = a + b
 
     def trim_left(self, columns: int) -> None:
@@ -121,5 +121,5 @@ class AdapterSource:
     def keep_rows(self, rows: torch.Tensor) -> None:
         # The cache holds [after rows; before rows]: select the same rows from both halves (an
         # index may repeat: a shared prefill expanded). See `ModelSource.keep_rows`.
-        self.cache.reorder_cache(torch.cat([rows, rows + self.rows]))
+        install([self.cache], [selected_layers(self.cache, torch.cat([rows, rows + self.rows]))])
         self.rows = rows.shape[0]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from lda.cache_ops import join_masks, padding_columns
-from lda.sampling import NonFiniteLogitsError, SamplingParams, logit_diff, sample
+from lda.sampling import NON_FINITE, NonFiniteLogitsError, SamplingParams, logit_diff, sample
 
 
 class LogitsSource(Protocol):
@@ -292,6 +292,13 @@ def prefill_rows(
     return after[cache_rows], before, mask[cache_rows], positions[cache_rows], cache_rows
 
 
+def greedy_tokens(amplified: torch.Tensor) -> list[int]:
+    """Each row's argmax, or -1 where the row has no finite maximum (a NaN, +inf, or nothing but
+    -inf: where sampling's softmax would not be finite either). One device sync for the batch."""
+    finite = torch.isfinite(amplified.amax(-1))
+    return torch.where(finite, amplified.argmax(-1), -1).tolist()
+
+
 @dataclass(frozen=True)
 class RowFailed:
     """A batched request's rows could not be decoded (non-finite logits, or a step out of memory)."""
@@ -374,16 +381,21 @@ class RunningBatch:
             self.after, self.before, self.mask, self.alphas = after, before, mask, alphas
             self.last_pos = positions[:, -1:]
             return
-        # Joining: both batches' caches become one row per row first (a shared prefill expanded).
+        # Joining: both batches' caches become one row per row first (a shared prefill expanded;
+        # this changes no row's values). Everything else the join allocates comes before the one
+        # call that changes the running caches, itself all or nothing: out of memory anywhere, the
+        # running rows go on as they were and only the joiners fail.
         self._expand()
         if cache_rows is not None:
             source.keep_rows(cache_rows)
+        joined_mask = join_masks(self.mask, mask)
+        last_pos = torch.cat([self.last_pos, positions[:, -1:]])
+        joined_alphas = torch.cat([self.alphas, alphas])
+        joined_after = torch.cat([self.after, after])
+        joined_before = None if before is None else torch.cat([self.before, before])
         self.source.join(source)
-        self.mask = join_masks(self.mask, mask)
-        self.last_pos = torch.cat([self.last_pos, positions[:, -1:]])
-        self.alphas = torch.cat([self.alphas, alphas])
-        self.after = torch.cat([self.after, after])
-        self.before = None if before is None else torch.cat([self.before, before])
+        self.mask, self.last_pos, self.alphas = joined_mask, last_pos, joined_alphas
+        self.after, self.before = joined_after, joined_before
         self.live += lives
 
     def cancel(self, ticket: Any) -> None:
@@ -401,8 +413,7 @@ class RunningBatch:
             return
         device = self.source.device
         amplified = logit_diff(self.after, self.before, self.alphas)  # [B, V] fp32
-        # Greedy rows read one argmax of the whole batch: one device sync, not one per row.
-        greedy = amplified.argmax(-1).tolist() if any(lv.config.sampling.greedy for lv in self.live) else []
+        greedy = greedy_tokens(amplified) if any(lv.config.sampling.greedy for lv in self.live) else []
         keep: list[int] = []
         next_tokens: list[int] = []
         for i, live in enumerate(self.live):
@@ -411,6 +422,8 @@ class RunningBatch:
             state, config = live.state, live.config
             try:
                 token = greedy[i] if config.sampling.greedy else sample(amplified[i], config.sampling, live.generator)
+                if token < 0:
+                    raise NonFiniteLogitsError(NON_FINITE)
             except NonFiniteLogitsError as exc:
                 if live.ticket is None:
                     raise  # a plain decode: the caller's request fails
@@ -435,6 +448,11 @@ class RunningBatch:
             else:
                 keep.append(i)
                 next_tokens.append(token)
+        if self.cancelled:
+            # A request that failed in this step leaves now with all its rows, including those kept
+            # before its failing one: none may stay to be stepped under its ticket.
+            kept = [(i, t) for i, t in zip(keep, next_tokens) if self.live[i].ticket not in self.cancelled]
+            keep, next_tokens = [i for i, _ in kept], [t for _, t in kept]
         if not keep:
             self.live, self.source, self.cache_rows = [], None, None
             self.cancelled.clear()
@@ -445,11 +463,7 @@ class RunningBatch:
             self.cache_rows = index if self.cache_rows is None else self.cache_rows[index]
             self.mask, self.last_pos, self.alphas = self.mask[index], self.last_pos[index], self.alphas[index]
             self.live = [self.live[i] for i in keep]
-            columns = padding_columns(self.mask)  # rows that left may leave padding-only columns
-            if columns:
-                self._expand()
-                self.source.trim_left(columns)
-                self.mask = self.mask[:, columns:]
+            self._trim()
         if self.cache_rows is not None:
             # One selection drops the finished rows and expands a shared prefill to its rows.
             self._expand()
@@ -483,6 +497,16 @@ class RunningBatch:
             self.mask, self.last_pos, self.alphas = self.mask[index], self.last_pos[index], self.alphas[index]
             tokens = tokens[index]
             self.live = [self.live[i] for i in keep]
+            self._trim()  # the victim may have been the only row reaching back that far
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (rows that left may leave some), so
+        the caches stay within the width `padded_tokens` bounds."""
+        columns = padding_columns(self.mask)
+        if columns:
+            self._expand()
+            self.source.trim_left(columns)
+            self.mask = self.mask[:, columns:]
 
 
 def decode(

@@ -20,6 +20,9 @@ class NonFiniteLogitsError(ValueError):
     """Sampling met inf/NaN logits (a ValueError: the service answers 422, not 500)."""
 
 
+NON_FINITE = "the amplified logits are not finite (inf or NaN); use a smaller alpha or amplification weight"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token from a row's logits.
@@ -99,12 +102,13 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick one token id from one row's [V] fp32 logits."""
     if params.greedy:
+        # The argmax of a row without a finite maximum (NaN, +inf, all -inf) is no answer either.
+        if not bool(torch.isfinite(logits.amax())):
+            raise NonFiniteLogitsError(NON_FINITE)
         return int(torch.argmax(logits).item())
     probs = logits_to_probs(logits, params)
     if not bool(torch.isfinite(probs).all()):
         # Logits overflowed: a request's extreme amplification weight or alpha, or a model that
         # produces inf in its dtype. The request is at fault or cannot be served; the server is fine.
-        raise NonFiniteLogitsError(
-            "the amplified logits are not finite (inf or NaN); use a smaller alpha or amplification weight"
-        )
+        raise NonFiniteLogitsError(NON_FINITE)
     return int(torch.multinomial(probs, 1, generator=generator).item())

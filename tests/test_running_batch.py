@@ -10,6 +10,7 @@ import torch
 from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.cache_ops import padding_columns
 from lda.decode import RowFailed, RunningBatch
+from lda.sampling import NonFiniteLogitsError, sample
 from lda.source import ModelSource
 from tests.test_shared_prefill import LOGPROB_ATOL, adapter_setup  # noqa: F401  (fixture)
 from tests.tiny import tiny_llama
@@ -177,3 +178,128 @@ def test_a_step_out_of_memory_fails_the_request_admitted_last_and_the_rest_go_on
     for name in ("A", "B"):
         for a, b in zip(outputs[name], expected[name]):
             same(a, b)
+
+
+def drain(batch, outputs, failed=None):
+    """Step `batch` until empty, collecting rows per ticket (`outputs[ticket][row]`) and failures."""
+    while batch:
+        for ticket, event in batch.step():
+            if isinstance(event, RowFailed):
+                if failed is not None:
+                    failed.append((ticket, event.row, type(event.error).__name__))
+            elif hasattr(event, "finish_reason"):
+                outputs.setdefault(ticket, {})[event.row] = event
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, HOT], ids=["greedy", "sampled"])
+def test_a_failed_request_leaves_in_the_step_it_fails_and_its_ticket_means_nothing_after(
+    pair, tokenizer, sampling
+):
+    # B's first row is fine, its second overflows (inf alpha). B must leave in that very step with
+    # both rows, so a later request under the same ticket (CPython reuses an `id` as soon as its
+    # object is freed) decodes in full instead of being skipped as cancelled. Greedy rows fail too:
+    # an argmax of NaN logits is no token.
+    make_source = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    reqs = requests(tokenizer)
+    ok = Row(reqs["A"][0][0].prompt_ids, 1.0, 3)
+    config = DecodeConfig(8, sampling, frozenset({tokenizer.eos_token_id}))
+    expected = alone(make_source, tokenizer, {"A": reqs["A"], "again": ([ok], config)})
+    batch = RunningBatch(make_source, tokenizer)
+    batch.admit(*reqs["A"], ticket="A")
+    batch.admit([ok, Row(ok.prompt_ids, float("inf"), 4)], config, ticket="B")
+    failed = [(t, e.row) for t, e in batch.step() if isinstance(e, RowFailed)]
+    assert failed == [("B", 1)]
+    assert [live.ticket for live in batch.live] == ["A", "A"]  # B's good row left with it
+    assert batch.mask.shape[0] == len(batch.live) == batch.alphas.shape[0]
+    batch.admit([ok], config, ticket="B")  # the ticket again, as a reused id would be
+    outputs = {}
+    drain(batch, outputs)
+    for a, b in zip([outputs["A"][0], outputs["A"][1]], expected["A"]):
+        same(a, b)
+    same(outputs["B"][0], expected["again"][0])
+
+
+def test_greedy_rows_without_a_finite_maximum_raise_like_sampled_ones():
+    for logits in ([0.0, float("nan")], [float("inf"), 0.0], [float("-inf")] * 2):
+        with pytest.raises(NonFiniteLogitsError):
+            sample(torch.tensor(logits), GREEDY, None)
+    assert sample(torch.tensor([float("-inf"), 1.0]), GREEDY, None) == 1  # masked tokens are fine
+
+
+def test_an_out_of_memory_victim_takes_its_padding_columns_with_it(pair, tokenizer):
+    # The request admitted last has the longest prompt, so when it fails the step out of memory
+    # the columns only it reached are padding for every row left: they go, and the caches keep
+    # the width the token budget assumes.
+    make_source = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    reqs = requests(tokenizer)
+    short = ([reqs["A"][0][0]], reqs["A"][1])  # "Hello world"
+    long = ([Row(reqs["A"][0][1].prompt_ids, 1.0)], reqs["A"][1])
+    expected = alone(make_source, tokenizer, {"short": short})
+    fired = []
+    batch = RunningBatch(out_of_memory_once(make_source, 2, fired), tokenizer)
+    batch.admit(*short, ticket="short")
+    batch.admit(*long, ticket="long")
+    failed = [t for t, e in batch.step() if isinstance(e, RowFailed)]
+    assert fired and failed == ["long"]
+    assert padding_columns(batch.mask) == 0
+    for cache in batch.source.caches:  # the retried forward wrote the step's token: mask-wide
+        assert all(layer.keys.shape[-2] == batch.mask.shape[-1] for layer in cache.layers)
+    outputs = {}
+    drain(batch, outputs)
+    same(outputs["short"][0], expected["short"][0])
+
+
+class _Faults:
+    """Counts torch.cat / torch.index_select calls and raises CUDA's out-of-memory error at call `at`."""
+
+    def __init__(self, monkeypatch, at: int | None = None) -> None:
+        self.calls, self.at = 0, at
+        for name in ("cat", "index_select"):
+            real = getattr(torch, name)
+            monkeypatch.setattr(torch, name, self._wrap(real))
+
+    def _wrap(self, real):
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.at:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_out_of_memory_anywhere_in_a_join_leaves_the_running_rows_as_they_were(make_source, tokenizer, monkeypatch):
+    # B (a shared prompt, expanded at the join) joins A after two steps. Out of memory at each
+    # allocation the admission makes (its prefill, the expansions, every layer of every model's
+    # cache join, the masks): the join fails as a whole, A goes on exactly as alone, and B, admitted
+    # again, decodes as alone too.
+    reqs = requests(tokenizer)
+    expected = alone(make_source, tokenizer, reqs)
+
+    def run(at):
+        batch = RunningBatch(make_source, tokenizer)
+        batch.admit(*reqs["A"], ticket="A")
+        outputs = {}
+        for _ in range(2):
+            for ticket, event in batch.step():
+                if hasattr(event, "finish_reason"):
+                    outputs.setdefault(ticket, {})[event.row] = event
+        with monkeypatch.context() as m:
+            faults = _Faults(m, at)
+            try:
+                batch.admit(*reqs["B"], ticket="B")
+                joined = True
+            except torch.OutOfMemoryError:
+                joined = False
+        if not joined:
+            batch.admit(*reqs["B"], ticket="B")
+        drain(batch, outputs)
+        for name in ("A", "B"):
+            for k, b in enumerate(expected[name]):
+                same(outputs[name][k], b)
+        return faults.calls, joined
+
+    calls, joined = run(None)
+    assert joined and calls > 8
+    for at in range(1, calls + 1):
+        assert run(at) == (at, False), at
