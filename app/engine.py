@@ -1,8 +1,9 @@
 """The one worker thread that owns the device.
 
 Route handlers validate, submit a job and await its future (or its event stream); they never
-touch torch on the event loop. A bounded queue makes overload visible at once (429) instead of
-piling up latency. Every job gets a cancel flag that long work checks between steps.
+touch torch on the event loop. A bound on everything that waits (jobs not started yet and decode
+works not yet in a running batch) makes overload visible at once (429) instead of piling up
+latency. Every job gets a cancel flag that long work checks between steps.
 """
 
 from __future__ import annotations
@@ -90,18 +91,28 @@ class Engine:
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
     ) -> None:
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        # Unbounded: `submit` bounds what waits (this queue, the deferred jobs and the scheduler's
+        # queued works together) by `queue_size`.
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue_size = queue_size
         self._thread: threading.Thread | None = None
-        self._on_change = on_change or (lambda waiting, running, batch_rows=0: None)
+        self._on_change = on_change or (lambda waiting, running, batch_rows=0, batch_tokens_budget=None: None)
         self.running = 0  # requests on the engine: the plain job running plus those in batches
         self.batch_rows = 0  # rows in the running batches
         self._current: Job | None = None
         self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, max_prefill_tokens)
         self._deferred: collections.deque[Job] = collections.deque()  # background jobs held back
+        # Jobs submitted and not started yet (queued or deferred), and works the scheduler holds
+        # that have not joined a batch: together what `waiting` counts. The first changes under
+        # the lock on both threads; the second is published by the engine thread.
+        self._lock = threading.Lock()
+        self._unstarted = 0
+        self._queued_works = 0
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() + len(self._deferred)
+        """Everything accepted that is not on the device yet (the `lda_num_requests_waiting` gauge)."""
+        return self._unstarted + self._queued_works
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -110,21 +121,18 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is None:
             return
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.warning("engine queue still full at shutdown; not waiting for it")
-            return
+        self._queue.put(None)
         self._thread.join(timeout)
 
     def submit(self, fn: Callable[[Job], Any], stream: bool = False, background: bool = False) -> Job:
         """Queue a job; `background` ones (experiment chunks, training steps) yield to decoding."""
         job = Job(fn, asyncio.get_running_loop(), stream, background)
-        try:
+        with self._lock:
+            if self.waiting >= self.queue_size:
+                raise QueueFullError(f"the engine queue is full ({self.queue_size} waiting)")
+            self._unstarted += 1
             self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(f"the engine queue is full ({self._queue.maxsize} waiting)") from None
-        self._on_change(self.waiting, self.running, self.batch_rows)
+        self._publish()
         return job
 
     async def run(self, fn: Callable[[Job], Any], background: bool = False) -> Any:
@@ -179,11 +187,19 @@ class Engine:
 
     def _changed(self) -> None:
         """On the engine thread: publish the counts (other threads read these ints, never the scheduler)."""
-        self.running = int(self._current is not None) + self.scheduler.jobs
+        self._queued_works = self.scheduler.queued
+        self.running = int(self._current is not None) + len(self.scheduler.admitted)
         self.batch_rows = self.scheduler.rows
-        self._on_change(self.waiting, self.running, self.batch_rows)
+        self._publish()
+
+    def _publish(self) -> None:
+        self._on_change(self.waiting, self.running, self.batch_rows, self.scheduler.max_tokens)
 
     def _start(self, job: Job) -> None:
+        # Running from here (the engine thread is on it); a generator job's work waits again once
+        # it is in the scheduler's queue, counted there (`_resume`).
+        with self._lock:
+            self._unstarted -= 1
         if job.cancelled:
             job._settle(error=asyncio.CancelledError())
             return
@@ -211,7 +227,9 @@ class Engine:
                 work = gen.throw(item.error)
             else:
                 work = gen.send(item.outputs)
-            self.scheduler.submit(job, gen, work)  # resumed when its rows are out
+            with self._lock:  # its rows wait for a batch from here: counted at once
+                self.scheduler.submit(job, gen, work)  # resumed when its rows are out
+                self._queued_works = self.scheduler.queued
         except StopIteration as stop:
             job._settle(result=stop.value)
         except BaseException as exc:  # handed to the awaiting request, never kills the worker

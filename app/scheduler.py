@@ -14,12 +14,20 @@ within each): a work joins when its key's batch can be re-padded, has rows to sp
 (`max_rows`) and tokens to spare (`max_tokens`: rows x the longest prompt + max_new_tokens of any
 row, the padded width the caches can reach), and when the prompt tokens prefilled since the last
 step leave room (`max_prefill_tokens`), so a flood of new requests cannot stall the rows already
-decoding. An empty batch takes any one work. A step that runs out of memory fails the request
-admitted last (the rest go on) and lowers `max_tokens` to what the batch then holds.
+decoding. An empty batch takes any one work. A background work that has waited `promote_after`
+steps goes before the interactive ones (which then wait behind it until its rows fit), so a steady
+stream of requests cannot starve an experiment.
+
+Out of memory: a step that runs out fails the request admitted last (the rest go on), a joining
+prefill that runs out fails its own request; beside other rows, either lowers `max_tokens` to below
+the size that failed (never below what the batch holds), and `recover_after` clean steps raise it
+again towards the configured value, so one oversized request cannot leave the server decoding one
+request at a time for good.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -60,6 +68,11 @@ class BatchWork:
         return sum(map(len, distinct_prompts(self.rows)[0]))
 
 
+# Tickets of the rows in the running batches: unique for the process's life (an `id()` is reused as
+# soon as its object is freed, and a reused ticket would make a new request's rows look cancelled).
+_tickets = itertools.count()
+
+
 @dataclass
 class InFlight:
     job: Any
@@ -68,33 +81,57 @@ class InFlight:
     outputs: list[RowOutput | None] = field(default_factory=list)
     left: int = 0
     decoding_since: float = 0.0
+    queued_step: int = 0  # the scheduler's step count when it was queued
+    ticket: int = field(default_factory=lambda: next(_tickets))
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.work.rows)
         self.left = len(self.work.rows)
 
 
+# Steps a background work waits before it goes ahead of interactive ones.
+PROMOTE_AFTER = 32
+# Clean decode steps (no out-of-memory error) after which a lowered token budget doubles again.
+RECOVER_AFTER = 256
+# After an out-of-memory error beside other rows, the budget drops to this fraction of the padded
+# tokens that failed: a margin, since activations grow with more than the cache.
+BACKOFF = 0.75
+
+
 class Scheduler:
     """Running batches by key, works waiting for room, and what each step finished."""
 
-    def __init__(self, max_rows: int, max_tokens: int | None = None, max_prefill_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        max_tokens: int | None = None,
+        max_prefill_tokens: int | None = None,
+        promote_after: int = PROMOTE_AFTER,
+        recover_after: int = RECOVER_AFTER,
+    ) -> None:
         self.max_rows = max_rows
-        self.max_tokens = max_tokens  # None: rows alone bound a batch
+        self.configured_tokens = max_tokens
+        self.max_tokens = max_tokens  # None: rows alone bound a batch; lowered for a while by an OOM
         self.max_prefill_tokens = max_prefill_tokens  # None: every waiting work may join at once
+        self.promote_after = promote_after
+        self.recover_after = recover_after
         self.batches: dict[Hashable, RunningBatch] = {}
         self.waiting: deque[InFlight] = deque()  # interactive works, in arrival order
-        self.background: deque[InFlight] = deque()  # experiment chunks: after every interactive one
-        self.admitted: dict[int, InFlight] = {}  # id(InFlight) -> it, the ticket of its rows
+        self.background: deque[InFlight] = deque()  # experiment chunks: after the interactive ones
+        self.admitted: dict[int, InFlight] = {}  # ticket -> the work whose rows carry it
         self.warned: set[Hashable] = set()  # keys whose caches cannot be re-padded (logged once)
         self.prefilled = 0  # prompt tokens prefilled since the last step
+        self.steps = 0  # decode steps so far (the clock of promotion)
+        self.clean_steps = 0  # steps since the budget last changed or an OOM happened
 
     @property
     def busy(self) -> bool:
         return bool(self.batches or self.waiting or self.background)
 
     @property
-    def jobs(self) -> int:
-        return len(self.admitted) + len(self.waiting) + len(self.background)
+    def queued(self) -> int:
+        """Works waiting to join a batch."""
+        return len(self.waiting) + len(self.background)
 
     @property
     def rows(self) -> int:
@@ -102,7 +139,7 @@ class Scheduler:
 
     def submit(self, job: Any, resume: Any, work: BatchWork) -> None:
         """Queue a work; it joins its batch at the next step (with every work queued by then)."""
-        item = InFlight(job, resume, work)
+        item = InFlight(job, resume, work, queued_step=self.steps)
         (self.background if getattr(job, "background", False) else self.waiting).append(item)
 
     def padded_tokens(self, key: Hashable, extra: Sequence[BatchWork] = ()) -> int:
@@ -140,7 +177,10 @@ class Scheduler:
         running batch at one boundary are prefilled together (one forward, one cache join)."""
         failed: list[InFlight] = []
         groups: dict[Hashable, list[InFlight]] = {}
-        for queue in (self.waiting, self.background):
+        queues = (self.waiting, self.background)
+        if self.background and self.steps - self.background[0].queued_step >= self.promote_after:
+            queues = (self.background, self.waiting)  # it waited long enough: the rest wait behind it
+        for queue in queues:
             while queue:
                 item = queue[0]
                 if item.job.cancelled:
@@ -170,13 +210,13 @@ class Scheduler:
         batch = self.batches.get(key) or RunningBatch(items[0].work.make_source, items[0].work.tokenizer)
         started = time.perf_counter()
         try:
-            batch.admit_all([(i.work.rows, i.work.config, id(i)) for i in items])
+            batch.admit_all([(i.work.rows, i.work.config, i.ticket) for i in items])
         except Exception as exc:  # noqa: BLE001  (a prefill failed: only its works)
             if len(items) > 1:
                 return [f for item in items for f in self._prefill([item])]
             items[0].error = exc  # type: ignore[attr-defined]
             if isinstance(exc, torch.OutOfMemoryError) and batch:
-                self._lower_budget(key)
+                self._lower_budget(key, items[0].work)
             return items
         finally:
             if batch:
@@ -185,18 +225,35 @@ class Scheduler:
         for item in items:
             item.decoding_since = now
             item.work.prefill_seconds += now - started
-            self.admitted[id(item)] = item
+            self.admitted[item.ticket] = item
         return []
 
-    def _lower_budget(self, key: Hashable) -> None:
-        """After an out-of-memory error beside other rows: the batch may hold no more than it holds
-        now. (A request that ran out of memory alone says nothing about sharing: MAX_BATCH_TOKENS,
-        which chunks each request, is the setting for that.)"""
+    def _lower_budget(self, key: Hashable, failed: BatchWork) -> None:
+        """After `failed` ran out of memory beside other rows: the batch may hold less than the
+        padded tokens that failed (those it holds now plus `failed`'s), by a margin, but never less
+        than it holds now. (A request that ran out of memory alone says nothing about sharing:
+        MAX_BATCH_TOKENS, which chunks each request, is the setting for that.)"""
         held = self.padded_tokens(key)
-        if held and (self.max_tokens is None or held < self.max_tokens):
-            log.warning("out of memory: a running batch now holds at most %d padded tokens (was %s)",
-                        held, self.max_tokens)  # fmt: skip
-            self.max_tokens = held
+        if not held:
+            return
+        budget = max(held, int(self.padded_tokens(key, [failed]) * BACKOFF))
+        self.clean_steps = 0
+        if self.max_tokens is None or budget < self.max_tokens:
+            self._set_budget(budget, "out of memory")
+
+    def _recover_budget(self) -> None:
+        """Every `recover_after` clean steps a lowered budget doubles, up to the configured one."""
+        if self.max_tokens == self.configured_tokens or self.clean_steps < self.recover_after:
+            return
+        self.clean_steps = 0
+        doubled = 2 * self.max_tokens  # type: ignore[operator]
+        configured = self.configured_tokens
+        self._set_budget(doubled if configured is None or doubled < configured else configured, "recovered")
+
+    def _set_budget(self, budget: int | None, why: str) -> None:
+        log.warning("%s: a running batch now holds at most %s padded tokens (was %s, configured %s)",
+                    why, budget, self.max_tokens, self.configured_tokens)  # fmt: skip
+        self.max_tokens = budget
 
     def _end(self, ticket: int, ended: list[InFlight]) -> InFlight:
         item = self.admitted.pop(ticket)
@@ -209,12 +266,13 @@ class Scheduler:
         ended (all rows out, cancelled, or failed: `error` set)."""
         self.prefilled = 0
         ended = self._admit()
+        self.steps += 1
         for key, batch in list(self.batches.items()):
             for ticket, item in list(self.admitted.items()):
                 if item.work.key == key and item.job.cancelled:
                     batch.cancel(ticket)
                     self._end(ticket, ended).outputs = None  # type: ignore[assignment]
-            out_of_memory = False
+            out_of_memory: list[InFlight] = []  # works the step failed for lack of memory
             try:
                 for ticket, event in batch.step():
                     item = self.admitted.get(ticket)
@@ -222,7 +280,8 @@ class Scheduler:
                         continue
                     if isinstance(event, RowFailed):  # this request alone fails (its rows leave)
                         self._end(ticket, ended).error = event.error  # type: ignore[attr-defined]
-                        out_of_memory |= isinstance(event.error, torch.OutOfMemoryError)
+                        if isinstance(event.error, torch.OutOfMemoryError):
+                            out_of_memory.append(item)
                         continue
                     item.work.on_event(event)
                     if isinstance(event, RowOutput):
@@ -237,8 +296,11 @@ class Scheduler:
                         self._end(ticket, ended).error = exc  # type: ignore[attr-defined]
                 del self.batches[key]
                 continue
-            if out_of_memory:
-                self._lower_budget(key)
+            for item in out_of_memory:
+                self._lower_budget(key, item.work)
             if not batch:
                 del self.batches[key]
+        if self.batches:
+            self.clean_steps += 1
+            self._recover_budget()
         return ended

@@ -264,7 +264,7 @@ def test_queue_full_is_429_with_retry_after(client):
     while engine.running == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
-        for _ in range(engine._queue.maxsize):
+        for _ in range(engine.queue_size):
             client.portal.call(submit, lambda job: None)
         r = lda(client, max_new_tokens=2)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"

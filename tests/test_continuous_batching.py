@@ -119,7 +119,7 @@ def test_merges_run_between_steps_and_never_reach_the_batch(client):
 
 def test_a_step_out_of_memory_fails_one_request_and_the_batch_goes_on(client, monkeypatch):
     # Injected where CUDA would fail: a decode step of 3+ rows. The request admitted last gets a
-    # 503; the others answer exactly as alone; the budget drops to what the batch then held; the
+    # 503; the others answer exactly as alone; the budget drops below what failed (the gauge says); the
     # weights are untouched and the next request is fine.
     from lda.source import ModelSource
 
@@ -148,6 +148,8 @@ def test_a_step_out_of_memory_fails_one_request_and_the_batch_goes_on(client, mo
             if r.status_code == 200:
                 assert [x["completion"] for x in r.json()["results"]] == [x["completion"] for x in alone[i]]
         assert scheduler.max_tokens is not None and scheduler.max_tokens < budget
+        gauge = [line for line in client.get("/metrics").text.splitlines() if line.startswith("lda_batch_tokens_budget ")]
+        assert gauge == [f"lda_batch_tokens_budget {float(scheduler.max_tokens)}"]
         assert (digests(pair.after.model), digests(pair.before.model)) == weights
         assert client.post("/generate_lda", json=body(0, False)).json()["results"] == alone[0]
     finally:

@@ -12,7 +12,7 @@ import torch
 from lda import DecodeConfig, Row, SamplingParams, collect, decode
 from lda.source import ModelSource
 
-from app.scheduler import BatchWork, Scheduler
+from app.scheduler import BACKOFF, BatchWork, Scheduler
 from tests.test_running_batch import out_of_memory_once
 
 
@@ -150,4 +150,110 @@ def test_a_step_out_of_memory_fails_the_last_work_and_lowers_the_budget(pair, to
             ended[item.resume] = item
     assert fired and isinstance(getattr(ended[2], "error", None), torch.OutOfMemoryError)
     assert token_ids([ended[0].outputs, ended[1].outputs]) == expected[:2]
-    assert scheduler.max_tokens == 2 * max(w.width for w in items[:2])  # what the batch held after
+    # below what failed (three works) by the margin, never below what the batch held after (two)
+    held, failed = 2 * max(w.width for w in items[:2]), 3 * max(w.width for w in items)
+    assert scheduler.max_tokens == max(held, int(failed * BACKOFF)) < failed
+
+
+def test_a_request_submitted_after_a_neighbour_fails_is_served(pair, tokenizer):
+    # X fails in a step (its second row overflows) while its first row was fine; Y, queued right
+    # after, must be served: its rows carry a ticket no earlier request ever had (tickets were
+    # `id()`s, which CPython reuses as soon as X's InFlight is freed).
+    x, make = work(pair, tokenizer, ModelSource, "Hello world", seed=1)
+    x.rows.append(Row(x.rows[0].prompt_ids, float("inf"), 2))
+    y, _ = work(pair, tokenizer, ModelSource, "What is a cat?", seed=3)
+    scheduler = Scheduler(max_rows=64)
+    scheduler.submit(FakeJob(), "x", x)
+    ended = {item.resume: item for item in scheduler.step()}
+    assert "x" in ended and ended["x"].error is not None
+    scheduler.submit(FakeJob(), "y", y)
+    for _ in range(20):
+        ended.update({item.resume: item for item in scheduler.step()})
+    assert not scheduler.busy and token_ids([ended["y"].outputs]) == alone([y], make, tokenizer)
+    tickets = [scheduler_item.ticket for scheduler_item in ended.values()]
+    assert len(set(tickets)) == len(tickets)
+
+
+def fails_to_prefill(make, prompt_tokens: int):
+    """`make` whose sources run out of memory prefilling a prompt of `prompt_tokens` tokens or more."""
+
+    def make_failing():
+        source = make()
+        real = source.prefill
+
+        def prefill(ids, mask, positions):
+            if ids.shape[-1] >= prompt_tokens:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(ids, mask, positions)
+
+        source.prefill = prefill
+        return source
+
+    return make_failing
+
+
+def test_an_oversized_prefill_lowers_the_budget_by_its_own_size_and_the_budget_recovers(pair, tokenizer, caplog):
+    # One short request decodes; a long prompt joining it runs out of memory in its prefill. The
+    # budget must not drop to what the lone request holds (that left the server decoding one
+    # request at a time until restart): it drops below what failed, four later requests still
+    # share a step, and clean steps raise it back to the configured value, each change logged.
+    long_prompt = "What should I do if I feel bored today? Tell me everything about it, please. " * 2
+    first, make = work(pair, tokenizer, ModelSource, "Hi", seed=0)
+    oversized, _ = work(pair, tokenizer, ModelSource, long_prompt, seed=1)
+    failing = fails_to_prefill(make, len(oversized.rows[0].prompt_ids))
+    first, oversized = (BatchWork(w.key, failing, w.tokenizer, w.rows, w.config) for w in (first, oversized))
+    configured = 10**6
+    scheduler = Scheduler(max_rows=64, max_tokens=configured, recover_after=4)
+    scheduler.submit(FakeJob(), "first", first)
+    scheduler.step()
+    scheduler.submit(FakeJob(), "oversized", oversized)
+    with caplog.at_level(logging.WARNING, logger="app.scheduler"):
+        ended = {item.resume: item for item in scheduler.step()}
+    assert isinstance(ended["oversized"].error, torch.OutOfMemoryError)
+    held, failed = first.width, 2 * oversized.width
+    assert scheduler.max_tokens == max(held, int(failed * BACKOFF)) > 4 * first.width
+    assert "out of memory: a running batch now holds at most" in caplog.text
+    while scheduler.busy:
+        scheduler.step()
+    later = [work(pair, tokenizer, ModelSource, "Hi", seed=10 + k)[0] for k in range(4)]
+    _, peak = run(scheduler, later)
+    assert peak == 4  # they shared a step
+    with caplog.at_level(logging.WARNING, logger="app.scheduler"):
+        for _ in range(20):
+            run(scheduler, [work(pair, tokenizer, ModelSource, "Hi", seed=20)[0]])
+            if scheduler.max_tokens == configured:
+                break
+    assert scheduler.max_tokens == configured and "recovered:" in caplog.text
+
+
+def test_a_background_work_joins_within_bounded_steps_under_steady_interactive_load(pair, tokenizer):
+    # 8 rows; a 6-row experiment chunk waits while one 1-row request arrives every step. Without
+    # promotion the requests, which always fit, took every freed row and the chunk never joined.
+    # With it the chunk joins once it waited `promote_after` steps and rows drain for it, and
+    # every request still joins within a bound (nothing waits longer than the rows ahead need).
+    def one(prompt, seed, n=1, length=6):
+        config = DecodeConfig(length, SamplingParams(1.0), frozenset())  # no EOS: every row runs `length` steps
+        rows = [Row(tuple(tokenizer(prompt)["input_ids"]), 1.0, seed + k) for k in range(n)]
+        return BatchWork("pair", lambda: ModelSource(pair.after.model, pair.before.model), tokenizer, rows, config)
+
+    promote = 16
+    scheduler = Scheduler(max_rows=8, promote_after=promote)
+    queued, joined = {}, {}
+    for step in range(120):
+        if step == 4:
+            scheduler.submit(FakeJob(background=True), "chunk", one("What is a cat?", 100, n=6, length=8))
+            queued["chunk"] = step
+        scheduler.submit(FakeJob(), step, one("Hello world", step))
+        queued[step] = step
+        scheduler.step()
+        for item in scheduler.admitted.values():
+            joined.setdefault(item.resume, step)
+    assert "chunk" in joined
+    # it waits `promote` steps, then at most one request's lifetime (6 steps) for 6 rows to drain
+    assert joined["chunk"] - queued["chunk"] <= promote + 6
+    waits = [joined[k] - queued[k] for k in queued if k != "chunk" and k in joined]
+    # a request waits at most while the chunk waits for rows (6 steps) and runs (8 steps): with 8
+    # rows of 6 steps the requests' capacity (8/6 per step) exceeds their arrivals, so the backlog
+    # built meanwhile drains, and late requests join at once again
+    assert len(waits) > 100 and max(waits) <= 6 + 8, waits
+    assert max(waits[-30:]) == 0

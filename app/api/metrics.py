@@ -21,6 +21,12 @@ class Metrics:
             "lda_num_requests_running", "requests on the engine (in running batches or running whole)", registry=r
         )
         self.batch_rows = Gauge("lda_num_batch_rows", "rows decoding in the running batches", registry=r)
+        self.batch_tokens_budget = Gauge(
+            "lda_batch_tokens_budget",
+            "padded tokens a running batch may hold now: MAX_BATCH_TOKENS, lowered for a while after an "
+            "out-of-memory error (-1: no bound)",
+            registry=r,
+        )
         self.ttft = Histogram(
             "lda_time_to_first_token_seconds",
             "request arrival to first token",
@@ -52,10 +58,13 @@ class Metrics:
         self.tokens = Counter("lda_generation_tokens", "tokens generated", ["route"], registry=r)
         self.rejected = Counter("lda_queue_rejections", "requests refused with 429 (queue full)", registry=r)
 
-    def engine_changed(self, waiting: int, running: int, batch_rows: int = 0) -> None:
+    def engine_changed(
+        self, waiting: int, running: int, batch_rows: int = 0, batch_tokens_budget: int | None = None
+    ) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
         self.batch_rows.set(batch_rows)
+        self.batch_tokens_budget.set(-1 if batch_tokens_budget is None else batch_tokens_budget)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
