@@ -53,6 +53,9 @@ def test_tiny_cpu_mode_reports_every_section(tmp_path):
     ):
         assert headline[key] > 0, key
     assert headline["bench_amplification.ours_restore_exact"] is True
+    for sampling in ("greedy", "seeded"):  # fp32 on a CPU: batched and joined rows equal alone
+        for how in ("batched", "joined"):
+            assert headline[f"bench_repro.{sampling}_{how}_rows_same_tokens"] == 1.0
 
 
 def test_a_crashed_run_still_prints_a_json_report(tmp_path):

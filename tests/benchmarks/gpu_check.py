@@ -7,8 +7,9 @@
 `deploy/gpu_check.sh` (`make gpu-check`) picks the Python, then runs this. With CUDA (`--size 1b`):
 the `gpu`-marked tests of tests/test_gpu.py, then `bench_lda` (1, 8 and 64 rows against `generate`),
 `bench_amplification` (apply+restore against PEFT merge+unmerge and a reload; adapter-mode against
-two-model LDA) and `bench_weightdiff` (T = 8 and 16 against one-at-a-time PEFT) on a ~0.95B random
-Llama pair in bf16, built on the device. Without CUDA (`--size tiny`): the same benchmarks on tiny
+two-model LDA), `bench_weightdiff` (T = 8 and 16 against one-at-a-time PEFT) and `bench_repro`
+(token agreement of rows batched vs alone) on a ~0.95B random Llama pair in bf16, built on the
+device. Without CUDA (`--size tiny`): the same benchmarks on tiny
 CPU models, so CI keeps this script working; the GPU tests are skipped, and `skipped` says so.
 
 Each section runs in its own process group under its own time limit, clipped to what is left of
@@ -145,6 +146,8 @@ GPU_SECTIONS: dict[str, tuple[str, int]] = {
         "--size 1b --device cuda --dtype bf16 --tasks 8 16 --steps 5 --seq-len 64 --repeats 1",
         100,
     ),
+    # token agreement of rows batched vs alone in bf16 (what a GPU's kernels change with batch shape)
+    "bench_repro": ("--size 1b --device cuda --dtype bf16 --prompts 32 --tokens 32", 90),
 }
 TINY_SECTIONS: dict[str, tuple[str, int]] = {
     "bench_lda": ("--size tiny --device cpu --tokens 8 --rows 1 4 --repeats 1", 120),
@@ -156,6 +159,8 @@ TINY_SECTIONS: dict[str, tuple[str, int]] = {
         "--size tiny --device cpu --tasks 2 4 --steps 2 --seq-len 16 --repeats 1 --threads 1 --no-memory",
         120,
     ),
+    # fp32 on a CPU: every row must agree (the suite's exact claim), so the tiny run checks the script
+    "bench_repro": ("--size tiny --device cpu --dtype fp32 --prompts 6 --tokens 6", 120),
 }
 GPU_TESTS_LIMIT = 150
 REQUIRED_SECTIONS = ("environment", "gpu_tests", *GPU_SECTIONS)
