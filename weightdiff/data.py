@@ -16,6 +16,8 @@ import torch
 
 IGNORE = -100
 Sample = str | list[dict[str, str]]
+# torch.Generator.manual_seed takes at most 64 bits; a larger seed would fail the job at start-up.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,16 @@ class Task:
     def __post_init__(self) -> None:
         if isinstance(self.samples, str) or not isinstance(self.samples, Sequence) or not self.samples:
             raise ValueError(f"samples must be a non-empty list, got {self.samples!r:.80}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         for i, sample in enumerate(self.samples):
             check_sample(sample, f"samples[{i}]")
         object.__setattr__(self, "samples", tuple(self.samples))
+
+
+def check_seed(where: str, seed: Any) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{where} must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
 def check_sample(sample: Any, where: str) -> None:

@@ -181,8 +181,17 @@ def wrap(
     chosen = select_targets(model, targets)
     generators = task_generators(num_tasks, seed)
     scaling(r, lora_alpha)
-    for name, linear in chosen.items():
-        set_module(model, name, MultiTaskLoRALinear(linear, num_tasks, r, lora_alpha, generators))
+    done: list[tuple[str, nn.Linear]] = []
+    try:
+        for name, linear in chosen.items():
+            set_module(model, name, MultiTaskLoRALinear(linear, num_tasks, r, lora_alpha, generators))
+            done.append((name, linear))
+    except BaseException:
+        # All or nothing: an OOM at the k-th wrapper must not leave k-1 wrapped modules behind,
+        # which would break every later forward (batch size checks) and every later wrap().
+        for name, linear in done:
+            set_module(model, name, linear)
+        raise
     return list(chosen)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightdiff.data import IGNORE, Encoded, Task, collate, encode_sample, micro_batches
+from weightdiff.data import IGNORE, Encoded, Task, check_seed, collate, encode_sample, micro_batches
 from weightdiff.lora import (
     LoRAFactors,
     set_module,
@@ -77,7 +77,7 @@ class TrainConfig:
         _check_int("grad_accum", self.grad_accum, 1)
         if self.max_tokens_per_micro_batch is not None:
             _check_int("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 1)
-        _check_int("seed", self.seed, None)
+        check_seed("seed", self.seed)
         if self.targets is not None:
             if isinstance(self.targets, str) or not self.targets:
                 raise ValueError(f"targets must be a non-empty list of module names, got {self.targets!r}")
@@ -178,12 +178,18 @@ class Trainer:
                 seed=self.seeds,
             )
         except BaseException:
-            self._restore()
+            self._restore()  # wrap() put back what it had wrapped
             raise
-        set_bypass(model, True)
-        params = [p for m in wrappers(model).values() for p in (m.down, m.up)]
-        self.optimizer = TaskAdam(params, len(tasks), config.lr, config.betas, config.eps)
-        self.device = model.get_input_embeddings().weight.device
+        try:
+            set_bypass(model, True)
+            params = [p for m in wrappers(model).values() for p in (m.down, m.up)]
+            self.optimizer = TaskAdam(params, len(tasks), config.lr, config.betas, config.eps)
+            self.device = model.get_input_embeddings().weight.device
+        except BaseException:
+            # Nobody holds this half-built trainer to close it: an OOM in the optimizer state must
+            # not leave the model wrapped (and the factors allocated) for good.
+            self.close()
+            raise
 
     @property
     def done(self) -> bool:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from weightdiff import Task, Trainer, export_dit, export_peft
+from weightdiff import Task, Trainer, export_dit, export_peft, unwrap
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 
 from app.amplification_lens.jobs import text_side
@@ -38,14 +38,16 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
     model, side = amp.model, text_side(amp.pair)
     trainer: Trainer | None = None
 
-    def start(job: Any) -> Trainer:
+    def start(job: Any) -> None:
+        nonlocal trainer
         tasks = [Task(samples=[s if isinstance(s, str) else [m.model_dump() for m in s] for s in t.samples],
                       seed=t.seed, name=n) for t, n in zip(req.tasks, req.task_names)]
-        new = Trainer(model, side.tokenizer, tasks, req.train_config())
-        new.detach()
-        record.status, record.started, record.total_steps = "running", time.time(), new.total_steps
+        # Held here, on the engine thread, the moment it exists: `finally` below closes it even
+        # when what follows fails or the await on this job is cancelled.
+        trainer = Trainer(model, side.tokenizer, tasks, req.train_config())
+        trainer.detach()
+        record.status, record.started, record.total_steps = "running", time.time(), trainer.total_steps
         store.save(record)
-        return new
 
     def step(job: Any) -> None:
         assert trainer is not None
@@ -72,8 +74,14 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
         record.status, record.finished = "done", time.time()
         store.save(record)
 
+    def end(job: Any) -> None:
+        if trainer is not None:
+            trainer.close()
+        unwrap_leftovers(model, record.id)
+
     try:
-        trainer = await _on_engine(engine, start)
+        await _on_engine(engine, start)
+        assert trainer is not None
         while not trainer.done:
             if cancel.is_set():
                 record.status, record.finished = "cancelled", time.time()
@@ -88,8 +96,22 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
         record.status, record.error, record.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
         store.save(record)
     finally:
-        if trainer is not None:
-            await _on_engine(engine, lambda job: trainer.close())
+        await _on_engine(engine, end)
+
+
+def unwrap_leftovers(model: Any, job_id: str) -> list[str]:
+    """After a job ends, in any way: the model must be its plain self again.
+
+    Between steps no trainer keeps its wrappers attached, so any wrapper found here is a bug that
+    would break generation, amplification and every later job ("already wrapped"): take it out.
+    """
+    left = unwrap(model)
+    if left:
+        log.error(
+            "weight-diff job %s left %d LoRA wrappers in the model (%s, ...); unwrapped them",
+            job_id, len(left), left[0],
+        )
+    return left
 
 
 def interrupt_active(store: JobStore) -> None:
