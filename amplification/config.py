@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ ModuleKind = Literal["all", "attention", "mlp"]
 MODULE_KINDS: tuple[str, ...] = ("all", "attention", "mlp")
 CUSTOM_ORGANISM = "custom"
 PRESETS_DIR = Path(__file__).parent / "presets"
+# `{name}_{hash[:8]}` names a compiled folder and a `model` id: a bounded, file-safe name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# |weight| bound, as |alpha| for LDA: far past any useful amplification, and with an adapter's
+# scaling still far from float overflow (a weight of 1e308 once merged to inf and decoded garbage).
+MAX_WEIGHT = 1000.0
 
 
 class ConfigError(ValueError):
@@ -119,6 +125,8 @@ class ModuleAmplification:
             weight = math.inf
         if not math.isfinite(weight):
             raise ConfigError("weight", f"must be finite, got {self.weight!r}")
+        if abs(weight) > MAX_WEIGHT:
+            raise ConfigError("weight", f"must be in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {self.weight!r}")
         object.__setattr__(self, "weight", weight)
 
     def kinds(self) -> tuple[str, ...]:
@@ -322,6 +330,12 @@ class AmplificationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError("name", f"expected a non-empty string, got {self.name!r}")
+        if NAME_PATTERN.fullmatch(self.name) is None:
+            raise ConfigError(
+                "name",
+                f"must be 1-128 characters of [A-Za-z0-9._-] starting with a letter or digit (it names "
+                f"the compiled folder and the model id), got {self.name!r:.80}",
+            )
         if not isinstance(self.description, str):
             raise ConfigError(
                 "description", f"expected a string, got {_type_name(self.description)} {self.description!r}"

@@ -33,6 +33,7 @@ class DeltaTerm(NamedTuple):
 
 
 Plan = dict[str, list[DeltaTerm]]
+FP32_MAX = torch.finfo(torch.float32).max
 
 # The merged state of a model has one source: the MergedWeights registered here until restored.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, MergedWeights] = weakref.WeakKeyDictionary()
@@ -47,7 +48,7 @@ def plan_deltas(model: nn.Module, adapters_with_tables: Sequence[tuple[LoadedAda
 
     Raises:
         ValueError: an adapter targets a module this model lacks (or with another shape), a table
-            misses a layer or kind, or a weight is not finite.
+            misses a layer or kind, or a weight (or weight x scaling, in fp32) is not finite.
     """
     kinds = module_kinds(model)
     modules = dict(model.named_modules())
@@ -67,8 +68,15 @@ def plan_deltas(model: nn.Module, adapters_with_tables: Sequence[tuple[LoadedAda
                 )
             if not math.isfinite(weight):
                 raise ValueError(f"adapter {adapter.name!r}: weight for layer {layer} {kind} is {weight}")
+            coefficient = float(weight) * adapter.scaling
+            # Deltas are computed in fp32 (here and in adapter mode): the product must be finite there.
+            if not abs(coefficient) <= FP32_MAX:
+                raise ValueError(
+                    f"adapter {adapter.name!r}: weight {weight} x scaling {adapter.scaling} for layer "
+                    f"{layer} {kind} is not finite in float32"
+                )
             if weight != 0:
-                plan.setdefault(name, []).append(DeltaTerm(a, b, float(weight) * adapter.scaling))
+                plan.setdefault(name, []).append(DeltaTerm(a, b, coefficient))
     return {name: plan[name] for name in sorted(plan)}
 
 
@@ -185,7 +193,8 @@ def apply(model: nn.Module, plan: Plan) -> MergedWeights:
 
     Raises:
         RuntimeError: `model` already holds merged weights (restore them first).
-        ValueError: a planned module is missing or has another shape.
+        ValueError: a planned module is missing or has another shape, or its merged weight would not
+            be finite in the weight's dtype (the model is then restored before the error).
     """
     if is_merged(model):
         raise RuntimeError("model already holds merged weights; restore them before merging again")
@@ -208,11 +217,27 @@ def apply(model: nn.Module, plan: Plan) -> MergedWeights:
             # In place, `delta + weight` equals `weight.float() + delta` without a second fp32 buffer;
             # copy_ rounds to the weight's dtype exactly as `.to(weight.dtype)` would, in one write.
             delta.add_(weight)
+            _check_finite(delta, weight.dtype, name)
             weight.copy_(delta)
     except BaseException:
         state.restore()
         raise
     return state
+
+
+def _check_finite(merged: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Before writing: every merged value fits `dtype` (NaN and inf fail the comparison too).
+
+    A finite weight x scaling can still overflow (a large weight on a large delta, or fp16's 65504):
+    decoding inf/NaN weights gives garbage text under greedy and a failure under sampling.
+    """
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    low, high = torch.aminmax(merged)  # no weight-sized temporary; NaN propagates and fails both tests
+    if not bool((low >= -limit) & (high <= limit)):
+        kind = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"merging into {name!r} gives weights that are not finite in {kind}: lower the amplification weight"
+        )
 
 
 def restore(state: MergedWeights) -> None:

@@ -334,12 +334,12 @@ def test_concurrent_amplification_does_not_leak_into_generate(client):
 
 
 def test_overflowing_amplification_is_422_and_weights_restored(client):
-    """A huge (finite) weight overflows the merged weights to inf: a 422 naming the cause, never a
-    500, and the base weights come back bit-exact."""
+    """A huge (finite) weight is refused at the config (|weight| <= 1000), never a 500, and the base
+    weights stay bit-exact. Merges that overflow anyway: test_review_bounds.py."""
     before = base_digests(client)
     body = {"prompt": "Hello", "configs": [config(weight=1e38)], "max_new_tokens": 2, "temperature": 1.0}
     r = client.post("/amplification/generate", json=body)
-    assert r.status_code == 422 and "not finite" in r.json()["error"]["message"], r.text
+    assert r.status_code == 422 and "weight: must be in [-1000, 1000]" in r.json()["error"]["message"], r.text
     assert base_digests(client) == before
     r = client.post("/generate_lda", json={"prompt": "Hello", "alpha": 1001, "max_new_tokens": 2})
     assert r.status_code == 422 and "alpha" in r.json()["error"]["message"], r.text

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from weightdiff import TrainConfig
 
 TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
+# The range of the other routes' seeds (app/api/schemas.py): task t's default seed is seed + t, and
+# torch's generators take 64 bits, so a seed of 1e29 would only fail once the job started.
+Seed = Annotated[int, Field(ge=0, le=2**62)]
 
 
 class ChatMessage(BaseModel):
@@ -21,7 +24,7 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: TaskName | None = None
     samples: list[Annotated[str, Field(min_length=1)] | list[ChatMessage]] = Field(min_length=1)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class JobRequest(BaseModel):
@@ -35,7 +38,7 @@ class JobRequest(BaseModel):
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     targets: list[str] | None = Field(None, min_length=1, description="e.g. [q_proj, v_proj]; None = all")
     register_adapters: bool = Field(
         False, alias="register", description="register each trained diff as adapter wd-<job>-<task>"
