@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -107,3 +108,26 @@ class JobStore:
     def list(self) -> list[JobRecord]:
         with self._lock:
             return [copy.deepcopy(r) for r in sorted(self._jobs.values(), key=lambda r: r.created)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def remove(self, job_id: str) -> JobRecord:
+        """Delete a finished job: its record and its folder, outputs included.
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is still queued or running (cancel it first).
+        """
+        with self._lock:
+            record = self._jobs.get(job_id)
+            if record is None:
+                raise KeyError(job_id)
+            if record.status in ACTIVE:
+                raise ValueError(f"job {job_id!r} is {record.status}: cancel it and wait until it stops")
+            del self._jobs[job_id]
+        folder = self.dir(job_id)
+        if folder.resolve().parent == self.root.resolve():  # an id read from a foreign job.json stays inside
+            shutil.rmtree(folder, ignore_errors=True)
+        return record

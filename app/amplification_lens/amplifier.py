@@ -26,7 +26,6 @@ from amplification import (
     ConfigError,
     LoadedAdapter,
     OrganismRegistry,
-    OutsideRoots,
     adapter_groups,
     adapter_reference,
     confined,
@@ -37,6 +36,9 @@ from amplification import (
     resolve_config,
 )
 from amplification.merge import Plan
+from amplification.paths import Unreachable, reach
+from amplification.registry import AdapterNameError
+from amplification.registry import check_name as check_adapter_name
 from lda import LDAModelPair
 
 from app.settings import Settings
@@ -46,11 +48,22 @@ log = logging.getLogger(__name__)
 BUNDLED_ORGANISMS = Path(__file__).parent / "organisms"
 COMPILED_CONFIG = "amplification_config.yaml"
 CONFIG_KEYS = ("name", "description", "adapters", "amplified_adapters")
+REFERENCE_PREFIX = "ref_"
+# The OpenAI lens's own model ids (app/openai_lens/models.py), besides the two models' ids and
+# `lda@...` (which no adapter name can spell: `@` is outside its characters).
+MODEL_ALIASES = ("after", "before", "lda")
+HUB_OFF = "hub adapters are off on this server (the operator enables them with ALLOW_HUB_ADAPTERS=true)"
+HUB_OFFLINE = "HF_HUB_OFFLINE is set on this server, so adapters load from its disk only"
+REPLACE = "delete it or pass replace"
+
+
+class AdapterLimitError(AdapterError):
+    """The server holds as many registered adapters as MAX_ADAPTERS allows."""
 
 
 def reference_name(reference: str) -> str:
     """The registry name of an adapter a config names by path or hub id (not by a registered name)."""
-    return "ref_" + hashlib.sha256(reference.encode()).hexdigest()[:12]
+    return REFERENCE_PREFIX + hashlib.sha256(reference.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,14 @@ class Amplifier:
         self.pair = pair
         self.model = pair.before.model
         self.layers = num_layers(self.model)
-        hub = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes")
-        self.registry = AdapterRegistry(settings.adapter_root_paths, hub_enabled=hub)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        self.registry = AdapterRegistry(
+            settings.adapter_root_paths,
+            hub_enabled=settings.allow_hub_adapters and not offline,
+            max_adapter_bytes=settings.max_adapter_bytes,
+            hub_off=HUB_OFFLINE if settings.allow_hub_adapters else HUB_OFF,
+        )
+        self.max_adapters = settings.max_adapters
         self.organisms = OrganismRegistry(settings.organisms_dir or BUNDLED_ORGANISMS)
         self.config_roots = [*settings.config_root_paths, PRESETS_DIR]
         self.compiled_dir = settings.data_dir / "compiled"
@@ -105,8 +124,57 @@ class Amplifier:
 
     # --- adapters -------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, source: str, replace: bool = False) -> LoadedAdapter:
+    @property
+    def model_ids(self) -> set[str]:
+        """The ids `model` selects a model or LDA by (GET /v1/models lists them)."""
+        return {*MODEL_ALIASES, self.pair.after.model_id, self.pair.before.model_id}
+
+    def check_name(self, name: str, replace: bool = False, how_to_replace: str = REPLACE) -> None:
+        """The one rule for an adapter's name, whichever way it is registered (POST /adapters,
+        /v1/load_lora_adapter, ADAPTERS at start, a weight-diff job's `register`).
+
+        A name must reach its adapter as a `model` id and never shadow, or be shadowed by, another
+        lens: not a model id, not a compiled config's lora_name (those win in look-ups), and not
+        `ref_...`, which stands for the adapter a config names by path or hub id.
+
+        Raises:
+            AdapterNameError: naming the clash.
+        """
+        check_adapter_name(name)
+        if name.startswith(REFERENCE_PREFIX):
+            raise AdapterNameError(
+                f"adapter name {name!r}: names starting with {REFERENCE_PREFIX!r} are reserved for the "
+                "adapters configs name by path or hub id; choose another name"
+            )
+        if name in self.model_ids:
+            raise AdapterNameError(f"adapter name {name!r} is a model id of this server; choose another name")
+        if name in self.compiled or self.written_exists(name):
+            raise AdapterNameError(
+                f"adapter name {name!r} is a compiled amplification's lora_name; choose another name"
+            )
+        if name in self.registry and not replace:
+            raise AdapterNameError(f"an adapter named {name!r} has already been loaded ({how_to_replace})")
+
+    def named_adapters(self) -> int:
+        """Adapters registered by name (those configs name by path or hub id have their own bound)."""
+        return sum(1 for a in self.registry.list() if a.name not in self._references)
+
+    def check_room(self, new: int) -> None:
+        """Refuse `new` more named adapters beyond MAX_ADAPTERS (each holds its factors in memory)."""
+        held = self.named_adapters()
+        if held + new > self.max_adapters:
+            raise AdapterLimitError(
+                f"{held} adapters are registered and {new} more would pass the limit of {self.max_adapters} "
+                "(MAX_ADAPTERS): delete some first (DELETE /adapters/NAME)"
+            )
+
+    def load_adapter(
+        self, name: str, source: str, replace: bool = False, how_to_replace: str = REPLACE
+    ) -> LoadedAdapter:
         """Register an adapter; replacing one drops the compiled configs built on the old one."""
+        self.check_name(name, replace, how_to_replace)
+        if name not in self.registry:
+            self.check_room(1)
         old = self.registry.get(name) if replace and name in self.registry else None
         adapter = self.registry.load(name, source, self.model, replace=replace)
         self._references.pop(name, None)  # registered by name now, no longer evictable
@@ -154,20 +222,26 @@ class Amplifier:
         return AmplificationConfig.from_dict(data)
 
     def read_config_file(self, path: str) -> AmplificationConfig:
+        """A config file under the config roots; errors show `path` as given, missing and outside alike."""
         try:
-            real = confined(path, self.config_roots)
-        except OutsideRoots as exc:
-            raise ConfigError("config_path", f"{path} is outside the allowed roots {exc.roots}") from None
-        except (OSError, RuntimeError) as exc:
-            raise ConfigError("config_path", f"{path} does not exist ({type(exc).__name__})") from None
-        if real.is_file():
-            self._check_size(real.stat().st_size, "config_path")
-        return AmplificationConfig.from_yaml_file(real)
+            real = reach(path, self.config_roots, "config")
+        except Unreachable as exc:
+            raise ConfigError("config_path", str(exc)) from None
+        if not real.is_file():
+            raise ConfigError("config_path", f"{path!r} is not a file")
+        self._check_size(real.stat().st_size, "config_path")
+        try:
+            text = real.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError("config_path", f"cannot read {path!r}: {reason}") from None
+        return AmplificationConfig.from_yaml_text(text)
 
     def compile(self, config: AmplificationConfig) -> Compiled:
         """Resolve `config` against the base, load what it names, and cache it under its lora_name."""
         if not config.adapters:
             raise ConfigError("adapters", "a config needs at least one adapter")
+        self._check_lora_name(config.lora_name)
         references = []
         for i, spec in enumerate(config.adapters):
             with field_path(f"adapters[{i}]"):
@@ -205,6 +279,15 @@ class Amplifier:
         while len(self.compiled) > self.max_compiled_configs:
             self.compiled.popitem(last=False)
         return compiled
+
+    def _check_lora_name(self, lora_name: str) -> None:
+        """The other side of `check_name`: a compiled name never takes a registered or model name."""
+        if lora_name in self.model_ids or lora_name in self.registry:
+            raise ConfigError(
+                "name",
+                f"the config's lora_name {lora_name!r} is already the name of an adapter or model on this "
+                "server; rename the config",
+            )
 
     def lookup(self, reference: str | dict[str, Any]) -> Compiled:
         """A config body, a compiled `lora_name`, or a registered adapter name (weight 1 everywhere).
@@ -256,9 +339,9 @@ class Amplifier:
                 raise ConfigError("", f"it holds the config {config.lora_name!r}")
             compiled = self.compile(config)
         except (OSError, yaml.YAMLError, ValueError) as exc:
-            raise ConfigError(
-                "", f"compiled {lora_name!r} cannot be compiled again from {str(path)!r}: {exc}"
-            ) from None
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            message = f"compiled {lora_name!r} cannot be compiled again from its folder: {reason}"
+            raise ConfigError("", message) from None
         self.write_compiled(compiled)  # its links and table show what is applied now
         return compiled
 
@@ -324,7 +407,7 @@ class Amplifier:
         for i, (adapter, ref, table) in enumerate(
             zip(compiled.adapters, compiled.references, compiled.tables)
         ):
-            source = self.registry.locate(adapter.source)
+            source = self.registry.files_of(adapter)
             target = tmp if i == 0 else tmp / ref.replace("/", "_")
             target.mkdir(exist_ok=True)
             for name in ("adapter_config.json", "adapter_model.safetensors"):

@@ -12,8 +12,14 @@ ConfigRef = dict | str
 class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=64, description="registry name, [A-Za-z0-9_-]")
-    source: str = Field(min_length=1, description="local directory under an allowed root, or a hub id")
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        description="registry name, [A-Za-z0-9_-]; not a model id, a compiled lora_name or ref_...",
+    )
+    source: str = Field(
+        min_length=1, description="local directory under an allowed root, or a hub id (ALLOW_HUB_ADAPTERS)"
+    )
     replace: bool = False
 
 

@@ -26,14 +26,14 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amplification import AdapterError, AdapterNotFound
-from amplification.registry import NAME_PATTERN
+from amplification.registry import NAME_PATTERN, AdapterNameError
 from lda import LDAModelPair
 from lda.pair import Side
 
-from app.amplification_lens.amplifier import Amplifier
+from app.amplification_lens.amplifier import AdapterLimitError, Amplifier
 from app.api.deps import AmplifierDep, EngineDep, PairDep
 from app.api.schemas import ERRORS, not_found
-from app.openai_lens.models import LDA, ParamError, adapter_exists, resolve, text_side
+from app.openai_lens.models import ParamError, resolve, text_side
 from app.openai_lens.schemas import ChatMessage, check_template_kwargs
 
 router = APIRouter()
@@ -154,37 +154,25 @@ def tokenize_request(body: Annotated[dict[str, Any], Body()]) -> TokenizeRequest
 # --- adapters -----------------------------------------------------------------------------------
 
 
-def check_lora_name(name: str, replace: bool, pair: LDAModelPair, amp: Amplifier) -> None:
-    """Refuse a name `model` could never reach, or one already taken (vLLM refuses those too)."""
-    if name in ("after", "before", LDA, pair.after.model_id, pair.before.model_id):
-        raise ParamError(f"lora_name {name!r} is a model id of this server; choose another name", "lora_name")
-    if name in amp.registry:
-        if not replace:
-            raise ParamError(
-                f"The lora adapter {name!r} has already been loaded "
-                "(unload it first, or send load_inplace: true)",
-                "lora_name",
-            )
-    elif adapter_exists(name, amp):  # a compiled config's lora_name: it would shadow the adapter
-        raise ParamError(
-            f"lora_name {name!r} is a compiled amplification's lora_name; choose another name", "lora_name"
-        )
+VLLM_REPLACE = "unload it first, or send load_inplace: true"
 
 
 @router.post("/v1/load_lora_adapter", responses={**ERRORS, **PLAIN_OK})
 async def load_lora_adapter(
-    req: LoadLoRAAdapterRequest, pair: PairDep, amp: AmplifierDep, engine: EngineDep
+    req: LoadLoRAAdapterRequest, amp: AmplifierDep, engine: EngineDep
 ) -> PlainTextResponse:
-    """Register a PEFT LoRA adapter under `lora_name` (vLLM's route; the registry of `/adapters`)."""
+    """Register a PEFT LoRA adapter under `lora_name` (vLLM's route; the registry of `/adapters`,
+    with its name rule: no model id, compiled lora_name or `ref_...`, and no name taken)."""
 
     def run(job: Any) -> None:
-        # Checked on the engine thread, where every registry change happens, so no load races it.
-        check_lora_name(req.lora_name, req.load_inplace, pair, amp)
+        # On the engine thread, where every registry change happens, so no load races the checks.
         try:
-            amp.load_adapter(req.lora_name, req.lora_path, replace=req.load_inplace)
+            amp.load_adapter(req.lora_name, req.lora_path, req.load_inplace, how_to_replace=VLLM_REPLACE)
         except AdapterError as exc:
-            if not isinstance(exc, AdapterNotFound):
-                exc.param = "lora_path"  # type: ignore[attr-defined]  # the name was checked above
+            if isinstance(exc, AdapterNameError):
+                exc.param = "lora_name"  # type: ignore[attr-defined]
+            elif not isinstance(exc, (AdapterNotFound, AdapterLimitError)):
+                exc.param = "lora_path"  # type: ignore[attr-defined]
             raise
 
     await engine.run(run)

@@ -10,13 +10,13 @@ import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 from weightdiff.lora import select_targets
 
-from app.api.deps import AmplifierDep, EngineDep, SettingsDep
+from app.api.deps import AmplifierDep, EngineDep, SettingsDep, get_amplifier
 from app.api.schemas import ERRORS, not_found
 from app.weightdiff_lens.jobs import drive
 from app.weightdiff_lens.schemas import JobRequest
@@ -42,9 +42,19 @@ async def submit(
     steps, step_limit = req.step_estimate, settings.max_weightdiff_steps
     if steps > step_limit:
         raise ValueError(f"steps: the job would take {steps} optimizer steps, the limit is {step_limit}")
+    if req.register_adapters:
+        amp.check_room(len(req.tasks))
     if req.targets is not None:
         await engine.run(lambda job: select_targets(amp.model, req.targets))
-    record = _store(request).create(req.model_dump(), req.task_names)
+    store = _store(request)
+    # Checked with no await before create(), so two submits cannot both take the last place.
+    if len(store) >= settings.max_weightdiff_jobs:
+        raise HTTPException(
+            409,
+            f"{len(store)} weight-diff jobs are kept on disk, the limit is {settings.max_weightdiff_jobs} "
+            "(MAX_WEIGHTDIFF_JOBS): delete finished ones with DELETE /weightdiff/jobs/JOB_ID?purge=true",
+        )
+    record = store.create(req.model_dump(), req.task_names)
     cancels: dict[str, threading.Event] = request.app.state.job_cancels
     cancels[record.id] = threading.Event()
     task = asyncio.create_task(drive(request.app, record, req, cancels[record.id]))
@@ -73,13 +83,37 @@ async def job_status(job_id: str, request: Request) -> Any:
 
 
 @router.delete("/weightdiff/jobs/{job_id}", responses=not_found("job"))
-async def cancel_job(job_id: str, request: Request) -> Any:
-    """Cancel a queued or running job; it stops before its next step."""
+async def cancel_job(job_id: str, request: Request, engine: EngineDep, purge: bool = False) -> Any:
+    """Cancel a queued or running job; it stops before its next step.
+
+    With `purge=true`, delete a finished job instead: its folder (outputs included) and the adapters
+    it registered, which frees a place under MAX_WEIGHTDIFF_JOBS.
+    """
     record = _record(request, job_id)
+    if purge:
+        return await _purge(request, engine, record)
     cancel = request.app.state.job_cancels.get(job_id)
     if record.status in ACTIVE and cancel is not None:  # None: it finished a moment ago
         cancel.set()
     return {"id": job_id, "status": record.status, "cancelling": record.status in ACTIVE}
+
+
+async def _purge(request: Request, engine: Any, record: JobRecord) -> Any:
+    if record.status in ACTIVE:
+        raise ValueError(
+            f"purge: job {record.id!r} is {record.status}; cancel it first (DELETE without purge) and wait "
+            "until it has stopped"
+        )
+    names = list(record.registered.values())
+    if names:
+        amp = get_amplifier(request)
+        # Its adapters' files go with the folder: unregister them (and the configs built on them).
+        await engine.run(lambda job: [amp.delete_adapter(n) for n in names if n in amp.registry])
+    try:
+        _store(request).remove(record.id)
+    except KeyError:  # purged by another request meanwhile
+        raise FileNotFoundError(f"no weight-diff job {record.id!r}") from None
+    return {"id": record.id, "status": record.status, "deleted": True}
 
 
 @router.get("/weightdiff/jobs/{job_id}/tasks/{task}/adapter", responses=not_found("job or finished task adapter"))
