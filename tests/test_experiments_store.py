@@ -255,6 +255,11 @@ def test_a_damaged_record_does_not_hide_the_others(tmp_path):
     exp_id = store.create(make_spec()).id
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "experiment.json").write_text("{half")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "experiment.json").write_text('{"name": "x"}')
+    (tmp_path / "foreign" / "spec.json").write_text("{}")
+    (tmp_path / "no_spec").mkdir()
+    (tmp_path / "no_spec" / "experiment.json").write_text('{"id": "no_spec", "total": 1}')
     assert [r.id for r in ExperimentStore(tmp_path).list()] == [exp_id]
 
 
@@ -268,3 +273,50 @@ def test_delete_refuses_a_running_experiment(tmp_path):
     step(store, exp_id, generate)
     store.delete(exp_id)
     assert store.get(exp_id) is None and not store.dir(exp_id).exists()
+
+
+def big_spec(prompts=3000, chunk_size=7):
+    body = make_spec(chunk_size=chunk_size).to_dict()
+    return ExperimentSpec.from_dict(body | {"prompts": [f"prompt {i}" for i in range(prompts)], "n": 1})
+
+
+def test_chunks_parse_the_spec_once_and_neither_copy_nor_rewrite_it(tmp_path, monkeypatch):
+    spec = big_spec()
+    store = ExperimentStore(tmp_path)
+    exp_id = store.create(spec).id
+    parses = []
+    real_from_dict = ExperimentSpec.from_dict.__func__
+
+    def counting(cls, body, max_samples=None):
+        parses.append(len(body["prompts"]))
+        return real_from_dict(cls, body, max_samples)
+
+    monkeypatch.setattr(ExperimentSpec, "from_dict", classmethod(counting))
+    fresh = ExperimentStore(tmp_path)  # a restart: the spec is parsed on the first chunk, then kept
+    record = run(fresh, exp_id, generate, max_chunks=6)
+    assert record.done == 6 * spec.chunk_size and parses == [3000]
+    assert fresh.get(exp_id).spec is fresh.get(exp_id).spec  # handed-out records share it, uncopied
+    assert fresh.list()[0].spec is record.spec
+    on_disk = json.loads((tmp_path / exp_id / "experiment.json").read_text())
+    assert "spec" not in on_disk and on_disk["done"] == record.done  # a commit writes no prompts
+    assert json.loads((tmp_path / exp_id / "spec.json").read_text()) == spec.to_dict()
+    assert ExperimentStore(tmp_path).get(exp_id).spec == spec.to_dict()
+    assert parses == [3000]  # loading the records parsed nothing
+
+
+def test_a_record_with_the_spec_inline_loads_and_resumes(tmp_path):
+    """experiment.json as written before spec.json existed: the spec stays inline and is read back."""
+    spec = make_spec()
+    _, ref = finished(tmp_path, "ref", spec)
+    store = ExperimentStore(tmp_path / "old")
+    exp_id = store.create(spec).id
+    run(store, exp_id, generate, max_chunks=2)
+    path = tmp_path / "old" / exp_id / "experiment.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"spec": spec.to_dict()}))
+    (tmp_path / "old" / exp_id / "spec.json").unlink()
+    fresh = ExperimentStore(tmp_path / "old")
+    assert fresh.get(exp_id).spec == spec.to_dict() and fresh.recover() == [exp_id]
+    final = run(fresh, exp_id, generate)
+    assert final.status == "done" and (final.counts, final.totals) == (ref.counts, ref.totals)
+    assert json.loads(path.read_text())["spec"] == spec.to_dict()  # still whole after its commits
+    assert ExperimentStore(tmp_path / "old").get(exp_id).spec == spec.to_dict()

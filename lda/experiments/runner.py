@@ -102,7 +102,7 @@ def step_steps(
         return record
     if record.cancel_requested:
         return store.finish_cancelled(exp_id)
-    spec = record.experiment_spec()
+    spec = store.spec(exp_id)  # parsed once per experiment, not per chunk
     try:
         if record.status != "running":
             record = store.mark_running(exp_id)

@@ -1,4 +1,10 @@
-"""Experiments on disk: `root/<id>/experiment.json` (atomic) and `root/<id>/samples.jsonl` (appended).
+"""Experiments on disk: `root/<id>/spec.json` (written once), `root/<id>/experiment.json` (the
+record, rewritten atomically per chunk) and `root/<id>/samples.jsonl` (appended).
+
+The spec never changes after `create`, and it can hold 100k prompts: it is written once, parsed once
+(`ExperimentStore.spec`) and shared, not copied, by the records the store hands out, so a chunk
+costs a small record write, not a copy, a parse and a rewrite of every prompt. (Records written
+before spec.json existed carry the spec inside experiment.json; they load as they are.)
 
 Commit protocol for one chunk, so a crash at any point can neither lose nor double-count samples:
   1. truncate samples.jsonl back to `committed_bytes` (dropping a torn or uncommitted tail), append
@@ -21,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +80,30 @@ class ExperimentRecord:
     eta_s: float | None = None
     cancel_requested: bool = False
     error: str | None = None
+    # Condition label -> content hash of what it decodes with (adapter, amplification config),
+    # taken at submit: a chunk refuses to decode when the hash changed (the caller checks it).
+    pins: dict[str, str] = field(default_factory=dict)
 
     def experiment_spec(self) -> ExperimentSpec:
+        """The spec parsed afresh; the store's `spec(exp_id)` parses it once per experiment."""
         return ExperimentSpec.from_dict(self.spec)
 
 
 class ExperimentStore:
-    """Experiment records under `root/<id>/`; readers on any thread get copies, never live records."""
+    """Experiment records under `root/<id>/`; readers on any thread get copies, never live records
+    (the copies share the record's `spec` dict, which nobody changes after `create`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # guards the dict readers copy from
+        self._lock = threading.Lock()  # guards the dicts readers copy from
         self._write_lock = threading.RLock()  # serializes the read-modify-write methods
         self._records: dict[str, ExperimentRecord] = {}
+        self._specs: dict[str, ExperimentSpec] = {}  # parsed once per experiment, on first use
+        self._spec_files: set[str] = set()  # ids whose spec.json exists: their records omit the spec
         for path in sorted(self.root.glob("*/experiment.json")):
             try:
-                record = ExperimentRecord(**json.loads(path.read_text()))
+                record = self._load(path)
             except (OSError, ValueError, TypeError):
                 continue  # a foreign or damaged file must not hide the other experiments
             self._records[record.id] = record
@@ -101,20 +114,40 @@ class ExperimentStore:
     def samples_path(self, exp_id: str) -> Path:
         return self.dir(exp_id) / "samples.jsonl"
 
-    def create(self, spec: ExperimentSpec) -> ExperimentRecord:
-        record = ExperimentRecord(id=uuid.uuid4().hex[:12], spec=spec.to_dict(), total=spec.total)
+    def spec_path(self, exp_id: str) -> Path:
+        return self.dir(exp_id) / "spec.json"
+
+    def create(self, spec: ExperimentSpec, pins: Mapping[str, str] | None = None) -> ExperimentRecord:
+        """Store a new queued experiment; `pins` are the content hashes its chunks must find."""
+        record = ExperimentRecord(
+            id=uuid.uuid4().hex[:12], spec=spec.to_dict(), total=spec.total, pins=dict(pins or {})
+        )
         try:
             self.dir(record.id).mkdir(parents=True)
             self.samples_path(record.id).touch()
+            write_json_atomic(self.spec_path(record.id), record.spec)
         except OSError as exc:
             raise ExperimentStoreError(f"creating experiment {record.id} failed: {exc}") from exc
+        with self._lock:
+            self._spec_files.add(record.id)
+            self._specs[record.id] = spec
         self._save(record)
-        return copy.deepcopy(record)
+        return _copy(record)
 
     def get(self, exp_id: str) -> ExperimentRecord | None:
         with self._lock:
             record = self._records.get(exp_id)
-            return copy.deepcopy(record) if record is not None else None
+            return _copy(record) if record is not None else None
+
+    def spec(self, exp_id: str) -> ExperimentSpec:
+        """The experiment's parsed spec, parsed on first use and kept (a spec never changes)."""
+        with self._lock:
+            spec = self._specs.get(exp_id)
+        if spec is None:
+            spec = ExperimentSpec.from_dict(self.require(exp_id).spec)
+            with self._lock:
+                spec = self._specs.setdefault(exp_id, spec)
+        return spec
 
     def require(self, exp_id: str) -> ExperimentRecord:
         record = self.get(exp_id)
@@ -124,7 +157,7 @@ class ExperimentStore:
 
     def list(self) -> list[ExperimentRecord]:
         with self._lock:
-            return [copy.deepcopy(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
+            return [_copy(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
 
     @_serialized
     def recover(self) -> list[str]:
@@ -241,6 +274,8 @@ class ExperimentStore:
             raise ValueError(f"experiment {exp_id} is running; cancel it first")
         with self._lock:
             del self._records[exp_id]
+            self._specs.pop(exp_id, None)
+            self._spec_files.discard(exp_id)
         shutil.rmtree(self.dir(exp_id), ignore_errors=True)
 
     def _append(self, record: ExperimentRecord, data: bytes, chunk: range) -> None:
@@ -275,16 +310,37 @@ class ExperimentStore:
         except OSError as exc:
             raise ExperimentStoreError(f"reading back experiment {record.id} failed: {exc}") from exc
 
+    def _load(self, path: Path) -> ExperimentRecord:
+        """A record from its experiment.json, with the spec from spec.json (or, in a record
+        written before spec.json existed, from experiment.json itself)."""
+        data = json.loads(path.read_text())
+        inline = "spec" in data
+        if not inline:
+            data["spec"] = json.loads((path.parent / "spec.json").read_text())
+        record = ExperimentRecord(**data)
+        if not inline:
+            self._spec_files.add(record.id)
+        return record
+
     def _save(self, record: ExperimentRecord, strict: bool = True) -> None:
         """Write the record, then publish it in memory, so memory never runs ahead of the disk.
 
         With strict=False a failed write still updates memory (used when recording a failure).
         """
-        snapshot = copy.deepcopy(record)
+        snapshot = _copy(record)
+        # The spec lives in spec.json; only a record from before spec.json keeps it inline.
+        omit = ("spec",) if record.id in self._spec_files else ()
+        data = {f.name: getattr(snapshot, f.name) for f in fields(snapshot) if f.name not in omit}
         try:
-            write_json_atomic(self.dir(record.id) / "experiment.json", asdict(snapshot))
+            write_json_atomic(self.dir(record.id) / "experiment.json", data)
         except OSError as exc:
             if strict:
                 raise ExperimentStoreError(f"saving experiment {record.id} failed: {exc}") from exc
         with self._lock:
             self._records[record.id] = snapshot
+
+
+def _copy(record: ExperimentRecord) -> ExperimentRecord:
+    """A deep copy sharing the spec dict: it never changes after `create`, and copying 100k
+    prompts for every chunk and every GET was most of a chunk's bookkeeping."""
+    return copy.deepcopy(record, {id(record.spec): record.spec})
