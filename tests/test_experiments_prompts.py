@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,21 +72,29 @@ def test_confinement(root, tmp_path):
         load_prompts_file(root / "missing.txt", [root])
 
 
-class FakeTable:
-    def __init__(self, columns):
-        self.columns = columns
+class FakeRows:
+    """A streaming split: rows come one at a time, and `pulled` counts those read."""
+
+    def __init__(self, columns, rows):
         self.column_names = list(columns)
+        self.rows = rows
+        self.pulled = 0
 
-    def __getitem__(self, name):
-        return self.columns[name]
+    def __iter__(self):
+        for row in self.rows:
+            self.pulled += 1
+            yield row
 
 
-def fake_loader(calls):
+def fake_loader(calls, opened=None):
     def load(path, split, name):
         calls.append((path, split, name))
         if path == "missing/ds":
             raise FileNotFoundError("Dataset 'missing/ds' doesn't exist on the Hub")
-        return FakeTable({"question": ["q1", "q2", "q3"], "chat": [CHAT, CHAT, CHAT]})
+        rows = FakeRows(["question", "chat"], [{"question": f"q{i}", "chat": CHAT} for i in range(1, 4)])
+        if opened is not None:
+            opened.append(rows)
+        return rows
 
     return load
 
@@ -93,11 +102,10 @@ def fake_loader(calls):
 def test_dataset_source(root):
     calls = []
     source = {"path": "org/ds", "split": "test", "column": "question", "limit": 2}
-    assert load_dataset_prompts(source, [root], fake_loader(calls)) == ["q1", "q2"]
+    assert load_dataset_prompts(source, [root], fake_loader(calls), allow_hub=True) == ["q1", "q2"]
     assert calls == [("org/ds", "test", None)]
-    assert (
-        load_dataset_prompts({"path": "org/ds", "column": "chat"}, [root], fake_loader(calls)) == [CHAT] * 3
-    )
+    source = {"path": "org/ds", "column": "chat"}
+    assert load_dataset_prompts(source, [root], fake_loader(calls), allow_hub=True) == [CHAT] * 3
     assert calls[-1] == ("org/ds", "train", None)
 
 
@@ -114,7 +122,7 @@ def test_dataset_source(root):
 )
 def test_dataset_errors(root, source, message):
     with pytest.raises(ValueError) as info:
-        load_dataset_prompts(source, [root], fake_loader([]))
+        load_dataset_prompts(source, [root], fake_loader([]), allow_hub=True)
     assert message in str(info.value)
 
 
@@ -147,4 +155,157 @@ def test_dataset_without_the_library_says_so(root, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ValueError, match="dataset: the `datasets` library is not installed"):
-        load_dataset_prompts({"path": "org/ds"}, [root])
+        load_dataset_prompts({"path": "org/ds"}, [root], allow_hub=True)
+
+
+class CountingFile:
+    """An open file that counts the lines read from it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.lines = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = next(self.f)
+        self.lines += 1
+        return line
+
+
+@pytest.fixture
+def counted_open(monkeypatch):
+    from lda.experiments import prompts as prompts_module
+
+    opened = []
+
+    def counting_open(*args, **kwargs):
+        opened.append(CountingFile(open(*args, **kwargs)))  # noqa: SIM115  (closed by CountingFile)
+        return opened[-1]
+
+    monkeypatch.setattr(prompts_module, "open", counting_open, raising=False)
+    return opened
+
+
+LINES = {
+    ".txt": lambda i: f"prompt {i}\n",
+    ".jsonl": lambda i: f'{{"prompt": "prompt {i}"}}\n',
+    ".csv": lambda i: f'{i},"prompt {i}"\n',
+}
+
+
+@pytest.mark.parametrize("suffix", list(LINES))
+def test_a_large_file_is_read_no_further_than_the_cap(root, counted_open, suffix):
+    path = root / f"big{suffix}"
+    with open(path, "w") as f:
+        f.write("id,prompt\n" if suffix == ".csv" else "")
+        f.writelines(LINES[suffix](i) for i in range(1_000_000))
+    message = "prompts_file: more than 10 prompts, the most MAX_EXPERIMENT_SAMPLES allows"
+    with pytest.raises(ValueError, match=message):
+        load_prompts_file(path, [root], max_prompts=10)
+    assert counted_open[0].lines <= 12  # the header, 10 prompts and the one past the cap
+
+
+def test_a_file_at_the_cap_is_taken_whole(root):
+    (root / "p.txt").write_text("a\n\nb\nc\n")
+    assert load_prompts_file(root / "p.txt", [root], max_prompts=3) == ["a", "b", "c"]
+    assert resolve_prompts({"prompts_file": str(root / "p.txt")}, [root], max_prompts=3) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="prompts_file: more than 2 prompts"):
+        resolve_prompts({"prompts_file": str(root / "p.txt")}, [root], max_prompts=2)
+    # Inline prompts are in memory already: the spec's own bound names them.
+    assert resolve_prompts({"prompts": ["x", "y", "z"]}, [root], max_prompts=2) == ["x", "y", "z"]
+
+
+def endless_loader(opened):
+    def load(path, split, name):
+        opened.append(FakeRows(["prompt"], ({"prompt": f"p{i}"} for i in range(1_000_000))))
+        return opened[-1]
+
+    return load
+
+
+def test_a_dataset_reads_no_more_rows_than_its_limit_or_the_cap(root):
+    opened = []
+    load = endless_loader(opened)
+    source = {"path": "org/big", "limit": 5}
+    assert load_dataset_prompts(source, [root], load, allow_hub=True) == [f"p{i}" for i in range(5)]
+    assert opened[-1].pulled == 5
+    assert len(load_dataset_prompts(source, [root], load, max_prompts=5, allow_hub=True)) == 5
+    assert opened[-1].pulled == 5
+    with pytest.raises(ValueError, match="dataset.limit: more than 10 prompts"):
+        load_dataset_prompts({"path": "org/big"}, [root], load, max_prompts=10, allow_hub=True)
+    assert opened[-1].pulled == 11
+    with pytest.raises(ValueError, match="dataset.limit: more than 10 prompts"):
+        load_dataset_prompts({"path": "org/big", "limit": 50}, [root], load, max_prompts=10, allow_hub=True)
+    assert opened[-1].pulled == 11
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    """A stand-in `datasets` module recording how it is called (the real one is not installed in
+    the server's environment, and must not reach the network here in any case)."""
+    import sys
+    import types
+
+    calls = []
+    module = types.ModuleType("datasets")
+
+    class DatasetDict(dict):
+        pass
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append(("load_dataset", path, name, split, kwargs))
+        return FakeRows(["prompt"], ({"prompt": f"s{i}"} for i in range(1_000_000)))
+
+    def load_from_disk(path):
+        calls.append(("load_from_disk", path))
+        if (Path(path) / "dataset_dict.json").is_file():
+            return DatasetDict(test=FakeRows(["prompt"], [{"prompt": "t0"}, {"prompt": "t1"}]))
+        return FakeRows(["prompt"], [{"prompt": "d0"}, {"prompt": "d1"}])
+
+    module.DatasetDict, module.load_dataset, module.load_from_disk = DatasetDict, load_dataset, load_from_disk
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    return calls
+
+
+def test_the_datasets_library_streams_and_saved_folders_are_memory_mapped(root, fake_datasets):
+    (root / "files").mkdir()
+    prompts = load_dataset_prompts({"path": str(root / "files"), "limit": 3}, [root])
+    assert prompts == ["s0", "s1", "s2"]
+    folder = str((root / "files").resolve())
+    assert fake_datasets == [("load_dataset", folder, None, "train", {"streaming": True})]
+    (root / "saved").mkdir()
+    (root / "saved" / "state.json").write_text("{}")
+    assert load_dataset_prompts({"path": str(root / "saved")}, [root]) == ["d0", "d1"]
+    (root / "saved_dict").mkdir()
+    (root / "saved_dict" / "dataset_dict.json").write_text("{}")
+    assert load_dataset_prompts({"path": str(root / "saved_dict"), "split": "test"}, [root]) == ["t0", "t1"]
+    with pytest.raises(ValueError, match="dataset.path: cannot load .* no split 'train' \\(splits: test\\)"):
+        load_dataset_prompts({"path": str(root / "saved_dict")}, [root])
+    assert [c[0] for c in fake_datasets] == ["load_dataset", *["load_from_disk"] * 3]
+
+
+def test_a_hub_id_is_refused_without_allow_hub_and_nothing_is_loaded(root, fake_datasets, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was reached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    calls = []
+    for load in (None, fake_loader(calls)):
+        with pytest.raises(ValueError) as info:
+            resolve_prompts({"dataset": {"path": "org/ds", "limit": 2}}, [root], load)
+        assert "dataset.path: no local folder 'org/ds'" in str(info.value)
+        assert "ALLOW_HUB_DATASETS is off" in str(info.value)
+    assert calls == [] and fake_datasets == []
+    prompts = resolve_prompts({"dataset": {"path": "org/ds", "limit": 2}}, [root], allow_hub=True)
+    assert prompts == ["s0", "s1"] and fake_datasets[0][1] == "org/ds"

@@ -36,10 +36,14 @@ class ConditionBody(BaseModel):
 class DatasetSource(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    path: str = Field(min_length=1, description="hub id, or a local dataset folder under CONFIG_ROOTS")
+    path: str = Field(
+        min_length=1,
+        description="a local dataset folder under DATA_DIR or CONFIG_ROOTS (data files, or a save_to_disk "
+        "folder), or a hub id when the server sets ALLOW_HUB_DATASETS",
+    )
     split: str = Field("train", min_length=1)
     column: str = Field("prompt", min_length=1, description="a column of strings or chat message lists")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="the first `limit` rows (the rest is never read)")
     name: str | None = None
 
 
