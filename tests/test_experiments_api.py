@@ -185,6 +185,29 @@ def test_prompts_file_under_data_dir(client, data_dir):
     assert body["status"] == "done" and body["spec"]["prompts"] == PROMPTS
 
 
+def test_a_prompts_file_larger_than_the_sample_cap_is_422_without_reading_it_whole(client, data_dir):
+    path = data_dir / "many.txt"
+    with open(path, "w") as f:
+        f.writelines(f"prompt {i}\n" for i in range(200_000))
+    body = {"prompts_file": str(path), "alphas": [0.0, 2.0], "detectors": [MARKER]}
+    r = client.post("/experiments", json=body)  # MAX_EXPERIMENT_SAMPLES=2000: 1000 prompts at most
+    assert r.status_code == 422, r.text
+    assert "prompts_file: more than 1000 prompts" in r.json()["error"]["message"]
+    r = client.post("/experiments", json=body | {"n": 1001})  # no prompt fits: said before any read
+    assert r.status_code == 422 and "n: 2 conditions x n=1001 = 2002 samples per prompt" in r.text
+
+
+def test_a_hub_dataset_is_422_unless_the_server_allows_hub_datasets(client, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # any load at all would fail differently
+    body = {"dataset": {"path": "org/prompts", "limit": 5}, "alphas": [0.0], "detectors": [MARKER]}
+    r = client.post("/experiments", json=body)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "dataset.path: no local folder 'org/prompts'" in message and "ALLOW_HUB_DATASETS" in message
+
+
 def test_unknown_experiment_is_404(client):
     for path in ("", "/samples", "/report.csv", "/report.png", "/samples.jsonl"):
         r = client.get(f"/experiments/nope{path}")

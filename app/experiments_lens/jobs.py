@@ -1,5 +1,6 @@
 """Experiments on the engine: one engine job per chunk, whose rows decode in the running batches
-beside interactive requests (which join at the next step, not after the chunk).
+beside interactive requests (which join at the next step, not after the chunk), or, with
+EXPERIMENT_ISOLATION, in batches of their own (see `chunk_generate`).
 
 A chunk's rows come grouped by condition (the spec's condition-major order); each group decodes in
 one call the way `/generate_lda` would decode it (same formatting, sampling and seed per row), so
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from amplification import field_path
@@ -33,6 +34,7 @@ from app.api.chunking import plan_chunks
 from app.api.generation import BatchTarget, Usage, in_batches, sampling_params
 from app.api.schemas import SamplingFields
 from app.engine import Job, QueueFullError
+from app.experiments_lens.pins import check_pin, compiled_hash
 from app.lda_lens.jobs import pair_target
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,13 @@ class ChunkAborted(BaseException):
 
 @dataclass(frozen=True)
 class Lens:
-    """Where one condition's logits come from (the running batch its rows join) and whose
-    tokenizer formats its prompts."""
+    """Where one condition's logits come from (the running batch its rows join), whose
+    tokenizer formats its prompts, and the content hash of its adapters and config (`pins`)."""
 
     side: Side
     target: BatchTarget
     models: tuple[Any, ...]
+    pin: str | None = None  # None: the pair's own models, fixed for the server's life
 
 
 def lens_for(
@@ -74,7 +77,17 @@ def lens_for(
     with field_path(f"{where}.{field}"):
         reference = condition.amplification if condition.amplification is not None else condition.adapter
         compiled = amp.lookup(reference)  # type: ignore[arg-type]
-    return Lens(text_side(amp.pair), adapter_target(amp, compiled), (amp.model,))
+    return Lens(text_side(amp.pair), adapter_target(amp, compiled), (amp.model,), compiled_hash(compiled))
+
+
+def changed_what(condition: Condition) -> str:
+    """What a pin mismatch names: the adapter, or the amplification config."""
+    if condition.adapter is not None:
+        return f"adapter {condition.adapter!r}"
+    amplification = condition.amplification
+    if not isinstance(amplification, str):
+        amplification = dict(amplification or {}).get("name", "inline")
+    return f"amplification config {amplification!r} (or an adapter it applies)"
 
 
 def prompt_ids(pair: LDAModelPair, side: Side, prompt: Any, fields: SamplingFields) -> tuple[int, ...]:
@@ -99,6 +112,27 @@ def _groups(rows: Sequence[tuple[Any, Condition, int]]) -> Iterator[range]:
             start = i
 
 
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a chunk needs to know about its experiment beyond its rows."""
+
+    exp_id: str
+    pins: Mapping[str, str]  # condition label -> content hash at submit (see `pins`)
+    isolated: bool = False  # EXPERIMENT_ISOLATION
+
+
+def isolated_target(target: BatchTarget, exp_id: str) -> BatchTarget:
+    """The lens's batch, but one of the experiment's own: no interactive row ever joins it.
+
+    A chunk's condition groups decode one after another, and a batch is dropped once its rows are
+    out, so each group's rows start an empty batch and decode beside each other only: the batch
+    shapes (padding, rows per forward) are a function of the chunk alone, whatever else the server
+    serves. In fp32 on CPU a row's tokens never depend on its neighbours; in bf16 or on a GPU the
+    kernels a shape selects change the rounding, and this is what keeps such samples reproducible.
+    """
+    return replace(target, key=("experiment", exp_id, target.key))
+
+
 def chunk_generate(
     pair: LDAModelPair,
     amp: Amplifier | None,
@@ -106,16 +140,31 @@ def chunk_generate(
     job: Job,
     max_batch_tokens: int,
     cancel_requested: Callable[[], bool],
+    context: ChunkContext | None = None,
 ) -> Callable[[list[tuple[Any, Condition, int]]], Generator[Any, Any, list[tuple[str, str]]]]:
     """The `generate` callback of one chunk: each condition group's rows join the engine's running
-    batch of its lens (beside interactive requests), split only where `max_batch_tokens` demands
-    (rows sharing a prompt are adjacent and prefill it once)."""
+    batch of its lens (beside interactive requests; with `context.isolated`, a batch of their own),
+    split only where `max_batch_tokens` demands (rows sharing a prompt are adjacent and prefill it
+    once). Before any row decodes, every group's adapters and configs are checked against the pins
+    taken at submit: a mismatch raises AdapterChanged and the chunk decodes nothing."""
     sampling = sampling_params(fields)
+
+    def lenses(rows: list[tuple[Any, Condition, int]]) -> list[tuple[range, Lens]]:
+        found = []
+        for group in _groups(rows):
+            condition = rows[group.start][1]
+            lens = lens_for(pair, amp, condition)
+            if context is not None:
+                pinned = context.pins.get(condition.label)
+                check_pin(condition.label, changed_what(condition), pinned, lens.pin, context.exp_id)
+                if context.isolated:
+                    lens = replace(lens, target=isolated_target(lens.target, context.exp_id))
+            found.append((group, lens))
+        return found
 
     def generate(rows: list[tuple[Any, Condition, int]]) -> Generator[Any, Any, list[tuple[str, str]]]:
         results: list[tuple[str, str]] = []
-        for group in _groups(rows):
-            lens = lens_for(pair, amp, rows[group.start][1])
+        for group, lens in lenses(rows):
             ids: dict[Any, tuple[int, ...]] = {}
             decode_rows = []
             for prompt, condition, seed in (rows[i] for i in group):
@@ -136,11 +185,17 @@ def chunk_generate(
     return generate
 
 
-def check_spec(pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields) -> None:
-    """At submit, on the engine: every adapter and config resolves, every prompt fits the context."""
+def check_spec(
+    pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields
+) -> dict[str, str]:
+    """At submit, on the engine: every adapter and config resolves, every prompt fits the context.
+    Returns the pins: condition label -> content hash of its adapters and config."""
     checked: set[tuple[int, ...]] = set()
+    pins: dict[str, str] = {}
     for i, condition in enumerate(spec.conditions):
         lens = lens_for(pair, amp, condition, f"conditions[{i}]")
+        if lens.pin is not None:
+            pins[condition.label] = lens.pin
         key = (id(lens.side), *map(id, lens.models))  # conditions decoding alike need one check
         if key in checked:
             continue
@@ -155,6 +210,7 @@ def check_spec(pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: Sam
                 check_context(len(ids), fields.max_new_tokens, *lens.models)
             except ValueError as exc:
                 raise ValueError(f"prompts[{p}]: {exc}") from None
+    return pins
 
 
 class Runner:
@@ -219,8 +275,9 @@ class Runner:
             if record.status in STOPPED:
                 return
             fields = SamplingFields(**record.spec["sampling"])
+            context = ChunkContext(exp_id, record.pins, settings.experiment_isolation)
 
-            def run(job: Job, fields: SamplingFields = fields) -> Any:
+            def run(job: Job, fields: SamplingFields = fields, context: ChunkContext = context) -> Any:
                 generate = chunk_generate(
                     state.pair,
                     state.amplifier,
@@ -228,6 +285,7 @@ class Runner:
                     job,
                     settings.max_batch_tokens,
                     lambda: self.store.require(exp_id).cancel_requested,
+                    context,
                 )
                 return step_steps(self.store, exp_id, generate)  # a generator job: rows join the batch
 

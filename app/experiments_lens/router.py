@@ -58,12 +58,18 @@ async def submit(
     # The sample count is bounded by MAX_EXPERIMENT_SAMPLES below, not by MAX_ROWS_PER_REQUEST:
     # an experiment decodes in chunks of EXPERIMENT_CHUNK_SIZE rows.
     check_limits(settings, req, 1)
-    roots = settings.config_root_paths
-    prompts = await asyncio.to_thread(resolve_prompts, req.prompt_source(), roots)
+    conditions = req.condition_list()
+    prompts = await asyncio.to_thread(
+        resolve_prompts,
+        req.prompt_source(),
+        settings.config_root_paths,
+        max_prompts=prompt_cap(settings.max_experiment_samples, len(conditions), req.n),
+        allow_hub=settings.allow_hub_datasets,
+    )
     body = {
         "name": req.name,
         "prompts": prompts,
-        "conditions": req.condition_list(),
+        "conditions": conditions,
         "n": req.n,
         "seed": base_seed(req),
         "detectors": req.detectors,
@@ -76,14 +82,26 @@ async def submit(
     if lda_conditions and not pair.compatibility.compatible:
         raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
     amp = request.app.state.amplifier
-    await engine.run(lambda job: check_spec(pair, amp, spec, req))
-    record = _store(request).create(spec)
+    pins = await engine.run(lambda job: check_spec(pair, amp, spec, req))
+    record = _store(request).create(spec, pins)
     _runner(request).start(record.id)
     return {"id": record.id, "status": record.status}
 
 
-def _summary(record: ExperimentRecord) -> dict[str, Any]:
-    spec = record.experiment_spec()
+def prompt_cap(max_samples: int, conditions: int, n: int) -> int:
+    """The most prompts MAX_EXPERIMENT_SAMPLES leaves room for at these conditions and n: a
+    prompts_file or dataset is read no further than one prompt past it."""
+    per_prompt = conditions * n
+    if per_prompt > max_samples:
+        raise ValueError(
+            f"n: {conditions} conditions x n={n} = {per_prompt} samples per prompt exceeds "
+            f"MAX_EXPERIMENT_SAMPLES={max_samples}"
+        )
+    return max_samples // per_prompt
+
+
+def _summary(request: Request, record: ExperimentRecord) -> dict[str, Any]:
+    spec = _store(request).spec(record.id)
     summary = summarize(record.counts, record.totals, spec)
     control = any(c.control for c in spec.conditions)
     return {
@@ -121,11 +139,18 @@ async def list_experiments(request: Request) -> Any:
 
 @router.get("/experiments/{exp_id}", responses=NOT_FOUND)
 async def experiment(exp_id: str, request: Request) -> Any:
-    """Status, progress, the spec, and the summary so far: rate with Wilson 95% interval per
-    condition and detector, rate ratios against the first condition, control flags, and the
-    alpha-0 extrapolation when plain conditions at two or more alphas > 0 have samples."""
+    """Status, progress, the spec, the pins (content hash per adapter or amplification condition,
+    taken at submit), and the summary so far: rate with Wilson 95% interval per condition and
+    detector, rate ratios against the first condition, control flags, and the alpha-0
+    extrapolation when plain conditions at two or more alphas > 0 have samples."""
     record = _record(request, exp_id)
-    return {**_public(record), "spec": record.spec, "written": record.written, **_summary(record)}
+    return {
+        **_public(record),
+        "spec": record.spec,
+        "pins": record.pins,
+        "written": record.written,
+        **_summary(request, record),
+    }
 
 
 @router.get("/experiments/{exp_id}/samples", responses=NOT_FOUND)
@@ -171,7 +196,7 @@ async def experiment_samples(
 )
 async def experiment_csv(exp_id: str, request: Request) -> Response:
     record = _record(request, exp_id)
-    text = report_csv(_summary(record)["summary"])
+    text = report_csv(_summary(request, record)["summary"])
     return Response(text, media_type="text/csv", headers=_attachment(f"{exp_id}.csv"))
 
 
@@ -185,7 +210,7 @@ async def experiment_csv(exp_id: str, request: Request) -> Response:
 )
 async def experiment_png(exp_id: str, request: Request) -> Response:
     record = _record(request, exp_id)
-    summary = _summary(record)["summary"]
+    summary = _summary(request, record)["summary"]
 
     def draw() -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
