@@ -41,6 +41,13 @@ class Settings(BaseSettings):
         "", description="comma-separated dirs adapters may load from (DATA_DIR always)"
     )
     adapters: str = Field("", description="adapters to load at start: name=source,name2=source2")
+    allow_hub_adapters: bool = Field(
+        False, description="let requests load adapters by hub id (downloads with the server's HF_TOKEN)"
+    )
+    max_adapter_bytes: int = Field(
+        2 * 1024**3, ge=1, description="largest adapter weights file read from disk or downloaded, in bytes"
+    )
+    max_adapters: int = Field(64, ge=1, description="adapters registered by name (ref_* adapters not counted)")
     organisms_dir: Path | None = Field(None, description="toolkit configs folder with organism/ and model/")
     config_roots: str = Field("", description="comma-separated dirs config_path may read (DATA_DIR always)")
 
@@ -73,6 +80,9 @@ class Settings(BaseSettings):
     max_weightdiff_steps: int = Field(
         100_000, ge=1, description="optimizer steps per weight-diff job (`steps`, or epochs x batches)"
     )
+    max_weightdiff_jobs: int = Field(
+        256, ge=1, description="weight-diff jobs kept on disk; a new job beyond it is refused (409)"
+    )
     max_config_bytes: int = Field(
         256 * 1024, ge=1024, description="largest amplification config (inline or file), in bytes"
     )
@@ -88,6 +98,16 @@ class Settings(BaseSettings):
     )
     experiment_chunk_size: int = Field(
         64, ge=1, description="experiment samples per engine job; interactive requests run between chunks"
+    )
+    experiment_isolation: bool = Field(
+        False,
+        description="decode each experiment chunk in batches of its own, never beside interactive rows, "
+        "so its samples do not depend on traffic (needed for exact reproduction in bf16 or on GPUs)",
+    )
+    allow_hub_datasets: bool = Field(
+        False,
+        description="let an experiment's `dataset` name a hub id (downloaded); off: local folders "
+        "under DATA_DIR or CONFIG_ROOTS only, and no request reaches the network",
     )
 
     @field_validator("model_after_id", "model_before_id")

@@ -457,6 +457,8 @@ def test_deleting_an_adapter_drops_what_uses_it(setup):
 def test_cache_limits_are_in_info(client):
     limits = client.get("/info").json()["limits"]
     assert limits["max_compiled_configs"] == 256 and limits["max_reference_adapters"] == 8
+    assert limits["max_adapters"] == 64 and limits["max_adapter_bytes"] == 2 * 1024**3
+    assert limits["allow_hub_adapters"] is False and limits["max_weightdiff_jobs"] == 256
 
 
 def amplifier(pair, tiny_dirs, tmp_path, tokenizer, **limits):

@@ -156,7 +156,7 @@ def test_store_hits_keeps_only_hits_but_counts_all(client):
         ({"alphas": None, "conditions": [{"alpha": 1.0, "amplification": "nope_12345678"}]}, "conditions[0].amplification"),
         ({"conditions": [{"alpha": 1.0}]}, "alphas"),
         ({"alphas": None}, "alphas"),
-        ({"prompts": None, "prompts_file": "/etc/passwd"}, "outside the allowed folders"),
+        ({"prompts": None, "prompts_file": "/etc/passwd"}, "no file at '/etc/passwd' under the allowed folders"),
         ({"prompts": None}, "prompts"),
         ({"max_new_tokens": 5000}, "max_new_tokens"),
         ({"stop": ["x"] * 40}, "stop strings"),

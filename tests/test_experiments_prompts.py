@@ -61,15 +61,13 @@ def test_file_errors_name_the_field(root, name, content, message):
 def test_confinement(root, tmp_path):
     outside = tmp_path / "secret.txt"
     outside.write_text("x\n")
-    with pytest.raises(ValueError, match="prompts_file: .* is outside the allowed folders"):
-        load_prompts_file(outside, [root])
-    with pytest.raises(ValueError, match="outside the allowed folders"):
-        load_prompts_file(root / ".." / "secret.txt", [root])
     (root / "link.txt").symlink_to(outside)
-    with pytest.raises(ValueError, match="outside the allowed folders"):
-        load_prompts_file(root / "link.txt", [root])
-    with pytest.raises(ValueError, match="prompts_file: no file at"):
-        load_prompts_file(root / "missing.txt", [root])
+    # Outside (directly, through .., through a link) and missing read alike: no existence oracle,
+    # and the message shows the path as given, never the real one or the roots.
+    for path in (outside, root / ".." / "secret.txt", root / "link.txt", root / "missing.txt"):
+        with pytest.raises(ValueError) as info:
+            load_prompts_file(path, [root])
+        assert str(info.value) == f"prompts_file: no file at {str(path)!r} under the allowed folders"
 
 
 class FakeRows:
@@ -117,7 +115,7 @@ def test_dataset_source(root):
         ({"split": "train"}, "dataset.path: must be a non-empty string"),
         ({"path": "org/ds", "colum": "x"}, "dataset.colum: unknown field"),
         ({"path": "missing/ds", "column": "question"}, "dataset.path: cannot load 'missing/ds'"),
-        ({"path": "/etc", "column": "question"}, "dataset.path: '/etc' is outside the allowed folders"),
+        ({"path": "/etc", "column": "question"}, "dataset.path: no dataset at '/etc' under the allowed folders"),
     ],
 )
 def test_dataset_errors(root, source, message):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from amplification.paths import OutsideRoots, confined
+from amplification.paths import Unreachable, reach
 
 JsonPrompt = str | list[dict[str, Any]]
 # (path, split, name) -> the split's rows as {column: value}, read lazily as they are iterated
@@ -81,7 +81,7 @@ def load_dataset_prompts(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{where}.limit: must be an integer >= 1, got {limit!r}")
     if path.startswith((".", "/", "~")) or Path(path).exists():
-        path = str(_confined(Path(path).expanduser(), roots, f"{where}.path"))
+        path = str(_confined(Path(path).expanduser(), roots, f"{where}.path", "dataset"))
     elif not allow_hub:
         raise ValueError(
             f"{where}.path: no local folder {path!r}, and this server loads no hub datasets "
@@ -130,15 +130,13 @@ def resolve_prompts(
     return load_dataset_prompts(body["dataset"], roots, load, max_prompts=max_prompts, allow_hub=allow_hub)
 
 
-def _confined(path: str | Path, roots: Sequence[Path], where: str) -> Path:
+def _confined(path: str | Path, roots: Sequence[Path], where: str, what: str = "file") -> Path:
+    # One message for missing, outside and unresolvable alike, naming the path as given: a caller
+    # learns neither the real path nor the roots, nor whether a file exists outside them.
     try:
-        return confined(path, roots)
-    except OutsideRoots:
-        raise ValueError(f"{where}: {str(path)!r} is outside the allowed folders") from None
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no file at {str(path)!r}") from None
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{where}: cannot resolve {str(path)!r}: {exc}") from None
+        return reach(path, roots, what)
+    except Unreachable as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _at_most(prompts: Iterable[JsonPrompt], max_prompts: int | None, where: str) -> list[JsonPrompt]:
