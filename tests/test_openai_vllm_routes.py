@@ -264,6 +264,9 @@ def test_bad_token_ids_are_400_naming_the_field(client, tok):
     assert str(vocab) in err["message"] and "vocabulary" in err["message"]
     error(client.post("/detokenize", json={"tokens": [5, -1]}), 400, param="tokens.1")
     error(client.post("/detokenize", json={"tokens": ["a"]}), 400, param="tokens.0")
+    error(client.post("/detokenize", json={"tokens": [5, True]}), 400, param="tokens.1")  # not token 1
+    r = client.post("/v1/completions", json={"model": "after", "prompt": [True]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
     error(client.post("/detokenize", json={}), 400, param="tokens")
     error(client.post("/detokenize", json={"tokens": [1], "prompt": "x"}), 400, param="prompt")
 

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from amplification import AdapterError, AdapterNotFound
 from amplification.registry import NAME_PATTERN, AdapterNameError
@@ -119,7 +119,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="picks the tokenizer as it picks the lens; default after")
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]  # strict: `true` is no token id
 
 
 class DetokenizeResponse(BaseModel):
