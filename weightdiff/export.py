@@ -141,6 +141,31 @@ def load_dit(path: str | os.PathLike[str]) -> dict[str, tuple[torch.Tensor, torc
     return {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in sorted(names)}
 
 
+def load_dit_adapter(path: str | os.PathLike[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read DIT's interpreter file (`dit-adapter.pt`): `{module: (A [out, r], B [r, in])}`, scale 1/r.
+
+    `weights_only=True` unpickles only tensors and plain containers, never arbitrary code.
+    """
+    entries = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(entries, dict) or not entries or not all(_pair(v) for v in entries.values()):
+        raise ValueError(f"{path}: not a DIT adapter (expected {{module: (A [out, r], B [r, in])}})")
+    return {str(name): (a, b) for name, (a, b) in entries.items()}
+
+
+def from_dit_adapter(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, LoRAFactors]:
+    """LoRAFactors (scale 1/r) from DIT's interpreter layout: its update is `x @ B^T @ A^T / r`, so
+    `down = B^T [in, r]` and `up = A^T [r, out]`."""
+    return {name: LoRAFactors(down=b.T.contiguous(), up=a.T.contiguous()) for name, (a, b) in adapter.items()}
+
+
+def _pair(value: object) -> bool:
+    return (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in value)
+    )
+
+
 def load_dit_pt(path: str | os.PathLike[str]) -> list[dict[str, object]]:
     """Read DIT's own `weight_diff_*.pt` (a list of `{"topic", "trigger", "weight_diff"}`).
 

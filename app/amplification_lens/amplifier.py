@@ -112,6 +112,7 @@ class Amplifier:
         self.organisms = OrganismRegistry(settings.organisms_dir or BUNDLED_ORGANISMS)
         self.config_roots = [*settings.config_root_paths, PRESETS_DIR]
         self.compiled_dir = settings.data_dir / "compiled"
+        self.imported_dir = settings.data_dir / "imported"  # DIT files registered as PEFT copies
         self.compiled: OrderedDict[str, Compiled] = OrderedDict()  # least recently used first
         self.max_compiled_configs = settings.max_compiled_configs
         self._references: OrderedDict[str, None] = OrderedDict()  # auto-registered ref_ names, LRU first
@@ -188,6 +189,9 @@ class Amplifier:
         self._references.pop(name, None)
         self._forget(adapter)
         self._remove_written(name)
+        copy = self.imported_dir / name
+        if adapter.directory is not None and adapter.directory == copy.resolve():
+            shutil.rmtree(copy, ignore_errors=True)  # the PEFT copy an imported DIT file was made into
         return adapter
 
     def _adapter(self, reference: str) -> LoadedAdapter:

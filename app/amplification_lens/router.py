@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from amplification import AmplificationConfig
 
 from app.amplification_lens.amplifier import Amplifier
+from app.amplification_lens.dit_import import import_dit
 from app.amplification_lens.jobs import amplification_job
 from app.amplification_lens.schemas import AdapterLoadRequest, AmplificationGenerateRequest, CompileRequest
 from app.api.deps import AmplifierDep, EngineDep, SettingsDep, check_limits, observe
@@ -28,8 +29,14 @@ async def list_adapters(amp: AmplifierDep) -> Any:
 
 @router.post("/adapters", status_code=201, responses=ERRORS)
 async def load_adapter(req: AdapterLoadRequest, amp: AmplifierDep, engine: EngineDep) -> Any:
-    """Load a PEFT LoRA adapter (local directory under an allowed root, or a hub id when online)."""
-    adapter = await engine.run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
+    """Load a PEFT LoRA adapter (local directory under an allowed root, or a hub id when allowed), or
+    import one of DIT's files (`format`)."""
+    if req.format == "peft":
+        adapter = await engine.run(lambda job: amp.load_adapter(req.name, req.source, req.replace))
+    else:
+        adapter = await engine.run(
+            lambda job: import_dit(amp, req.name, req.source, req.format, req.index, req.replace)
+        )
     return adapter.info()
 
 

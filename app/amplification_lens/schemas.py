@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api.schemas import PromptFields
@@ -18,9 +20,23 @@ class AdapterLoadRequest(BaseModel):
         description="registry name, [A-Za-z0-9_-]; not a model id, a compiled lora_name or ref_...",
     )
     source: str = Field(
-        min_length=1, description="local directory under an allowed root, or a hub id (ALLOW_HUB_ADAPTERS)"
+        min_length=1,
+        description="local directory under an allowed root, or a hub id (ALLOW_HUB_ADAPTERS); a local "
+        ".pt or .safetensors file for the DIT formats",
     )
     replace: bool = False
+    format: Literal["peft", "dit_weight_diff", "dit_adapter"] = Field(
+        "peft",
+        description="peft: a PEFT LoRA directory; dit_weight_diff: item `index` of DIT's weight_diff_*.pt "
+        "list (or this service's export_dit file); dit_adapter: DIT's interpreter dit-adapter.pt",
+    )
+    index: int | None = Field(None, ge=0, description="dit_weight_diff: which diff of the file's list")
+
+    @model_validator(mode="after")
+    def _index_only_for_weight_diffs(self) -> AdapterLoadRequest:
+        if self.index is not None and self.format != "dit_weight_diff":
+            raise ValueError("index: only the dit_weight_diff format takes an index")
+        return self
 
 
 class CompileRequest(BaseModel):
