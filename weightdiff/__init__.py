@@ -1,6 +1,6 @@
 """Batched weight diffs: one LoRA per task, trained T at a time, exported for PEFT or DIT."""
 
-from weightdiff.data import Task
+from weightdiff.data import LOSSES, Task
 from weightdiff.export import (
     export_dit,
     export_peft,
@@ -10,6 +10,35 @@ from weightdiff.export import (
     peft_config,
     peft_state_dict,
     to_dit,
+)
+from weightdiff.interpret_eval import (
+    Description,
+    Evaluated,
+    Evaluation,
+    describe,
+    evaluate,
+    normalise,
+    pairs_loss,
+)
+from weightdiff.interpret_export import export_interpreter, fingerprint, to_dit_adapter
+from weightdiff.interpret_train import (
+    DEFAULT_QUESTION,
+    InterpreterConfig,
+    InterpreterResult,
+    InterpreterStep,
+    InterpreterTrainer,
+    Pair,
+    train_interpreter,
+)
+from weightdiff.interpreter import (
+    Diff,
+    InterpreterLinear,
+    clear_diffs,
+    init_interpreter,
+    interpreting,
+    set_diffs,
+    unwrap_interpreter,
+    wrap_interpreter,
 )
 from weightdiff.lora import (
     LoRAFactors,
@@ -26,8 +55,19 @@ from weightdiff.optim import TaskAdam
 from weightdiff.train import StepReport, TrainConfig, Trainer, TrainResult, train
 
 __all__ = [
+    "DEFAULT_QUESTION",
+    "Description",
+    "Diff",
+    "Evaluated",
+    "Evaluation",
+    "InterpreterConfig",
+    "InterpreterLinear",
+    "InterpreterResult",
+    "InterpreterStep",
+    "InterpreterTrainer",
     "LoRAFactors",
     "MultiTaskLoRALinear",
+    "Pair",
     "StepReport",
     "Task",
     "TaskAdam",
@@ -35,19 +75,33 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "bypassed",
+    "clear_diffs",
     "decoder_linears",
+    "describe",
+    "evaluate",
     "export_dit",
+    "export_interpreter",
     "export_peft",
     "factors_of",
+    "fingerprint",
     "from_dit",
+    "init_interpreter",
+    "interpreting",
     "load_dit",
     "load_dit_pt",
+    "normalise",
+    "pairs_loss",
     "peft_config",
     "peft_state_dict",
     "scaling",
     "set_bypass",
+    "set_diffs",
     "to_dit",
+    "to_dit_adapter",
     "train",
+    "train_interpreter",
     "unwrap",
+    "unwrap_interpreter",
     "wrap",
+    "wrap_interpreter",
 ]
