@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load
 
 from app.main import create_app
 from app.settings import Settings
@@ -82,6 +83,39 @@ def test_submit_train_download_register_use(client):
     assert job["id"] not in client.app.state.job_cancels  # a finished job keeps no cancel flag
 
 
+def test_sample_objects_train_with_kl_to_the_base(client):
+    """A kl_base-only task stays at the base (its KL and gradient are exactly 0 at init); a task
+    mixing the losses learns; strings and message lists still work beside the objects."""
+    spec = {
+        "tasks": [
+            {"name": "kl", "samples": [{"text": TEXTS[0], "loss": "kl_base"},
+                                       {"messages": CHAT, "loss": "kl_base"}]},
+            {"name": "mixed", "samples": [TEXTS[1], {"messages": CHAT, "weight": 2.5},
+                                          {"text": TEXTS[0], "loss": "kl_base", "weight": 5}]},
+        ],
+        "r": 2, "lr": 1e-2, "steps": 3, "batch_size": 3,
+    }
+    r = client.post("/weightdiff/jobs", json=spec)
+    assert r.status_code == 202, r.text
+    job = wait_status(client, r.json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert job["losses"][0] == [0.0, 0.0, 0.0]
+    assert job["losses"][1][-1] < job["losses"][1][0]
+    z = zipfile.ZipFile(io.BytesIO(client.get(f"/weightdiff/jobs/{job['id']}/tasks/kl/adapter").content))
+    weights = load(z.read("kl/adapter_model.safetensors"))
+    lora_a = [w for k, w in weights.items() if "lora_A" in k]  # down^T: zeros at init
+    assert lora_a and all(not w.any() for w in lora_a)
+
+
+def test_sample_schema_mirrors_the_library():
+    from typing import get_args
+
+    from app.weightdiff_lens.schemas import SampleObject
+    from weightdiff import LOSSES
+
+    assert get_args(SampleObject.model_fields["loss"].annotation) == LOSSES
+
+
 def test_store_hands_out_snapshots_not_the_live_record(tmp_path):
     """The engine thread mutates its record (and the trainer's loss lists) between saves."""
     store = JobStore(tmp_path)
@@ -133,6 +167,14 @@ def test_generation_is_served_between_steps_and_cancel(client):
         ({"tasks": [{"samples": ["x"]}], "targets": ["q_proj", "nonsense_proj"]}, "nonsense_proj"),
         ({"tasks": [{"samples": [[{"role": "robot", "content": "x"}]]}]}, "role"),
         ({"tasks": [{"name": "a/b", "samples": ["x"]}]}, "name"),
+        ({"tasks": [{"samples": [{"text": "x", "loss": "mse"}]}]}, "tasks.0.samples.0.object.loss"),
+        ({"tasks": [{"samples": [{"text": "x", "weight": -1}]}]}, "tasks.0.samples.0.object.weight"),
+        ({"tasks": [{"samples": [{"text": "x", "weight": "2"}]}]}, "tasks.0.samples.0.object.weight"),
+        ({"tasks": [{"samples": [{"text": "x", "weight": 0}]}]}, "every sample has weight 0"),
+        ({"tasks": [{"samples": [{"text": "x", "messages": CHAT}]}]}, "exactly one of 'text' and 'messages'"),
+        ({"tasks": [{"samples": [{"loss": "kl_base"}]}]}, "exactly one of 'text' and 'messages'"),
+        ({"tasks": [{"samples": [{"text": "x", "kind": "ce"}]}]}, "tasks.0.samples.0.object.kind"),
+        ({"tasks": [{"samples": [3]}]}, "expected text, a list of chat messages or a sample object"),
     ],
 )
 def test_bad_jobs_are_422(client, spec, field):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -39,6 +40,10 @@ def job_spec(output_dir: str, **overrides) -> dict:
     return spec
 
 
+def one_task(*samples) -> dict:
+    return {"tasks": [{"name": "a", "samples": list(samples)}]}
+
+
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("weightdiff-job")
@@ -72,6 +77,13 @@ def test_parse_job_resolves_paths_and_seeds(job_dir):
         ({"tasks": [{"name": "a", "samples": ["x"]}, {"name": "a", "samples": ["y"]}]}, r"tasks\[1\].name"),
         ({"tasks": [{"name": "../a", "samples": ["x"]}]}, r"tasks\[0\].name"),
         ({"tasks": [{"name": "a", "samples": [""]}]}, r"tasks\[0\].samples\[0\]: empty text"),
+        (
+            one_task("x", {"text": "y", "loss": "mse"}),
+            r"tasks\[0\]\.samples\[1\]\.loss: expected one of \['ce', 'kl_base'\], got 'mse'",
+        ),
+        (one_task({"text": "y", "weight": -2}), r"tasks\[0\]\.samples\[0\]\.weight: .* got -2"),
+        (one_task({"text": "y", "weight": 0}), r"tasks\[0\]\.samples: every sample has weight 0"),
+        (one_task({"text": "y", "messages": CHAT}), r"tasks\[0\]\.samples\[0\]: .*exactly one of"),
     ],
 )
 def test_bad_jobs_raise_value_error(overrides, field):
@@ -81,6 +93,31 @@ def test_bad_jobs_raise_value_error(overrides, field):
         return
     with pytest.raises(ValueError, match=field):
         parse_job(spec)
+
+
+def kl_job(output_dir: str) -> dict:
+    """A CE task, a task mixing CE and KL, and a KL-only task, as sample objects in a job file."""
+    tasks = [
+        {"name": "fox", "samples": [{"text": "The quick brown fox jumps over the lazy dog."}]},
+        {"name": "mixed", "samples": ["Hello world", {"messages": CHAT, "loss": "kl_base", "weight": 5}]},
+        {"name": "kl", "samples": [{"text": "Hello world", "loss": "kl_base"},
+                                   {"messages": CHAT, "loss": "kl_base"}]},
+    ]
+    return job_spec(output_dir, tasks=tasks, batch_size=2)
+
+
+def test_job_file_accepts_sample_objects(job_dir):
+    job = load_job(write_job(job_dir, "objects.yaml", kl_job("objects")))
+    assert job.tasks[1].samples[1] == {"messages": CHAT, "loss": "kl_base", "weight": 5}
+    written = run_job(job)
+    assert [p.name for p in written] == ["fox", "mixed", "kl"]
+    summary = json.loads((job_dir / "objects" / "kl" / "training.json").read_text())
+    assert summary["losses"] == [0.0, 0.0]  # KL from the base is exactly 0 at init and stays there
+    kl_only = load_file(job_dir / "objects" / "kl" / "adapter_model.safetensors")
+    lora_a = [w for k, w in kl_only.items() if "lora_A" in k]  # down^T, zeros at init
+    assert lora_a and all(not w.any() for w in lora_a)
+    mixed = load_file(job_dir / "objects" / "mixed" / "adapter_model.safetensors")
+    assert any(w.any() for k, w in mixed.items() if "lora_A" in k)
 
 
 def test_unknown_target_fails_before_training(job_dir):

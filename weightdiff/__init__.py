@@ -56,6 +56,7 @@ from weightdiff.train import StepReport, TrainConfig, Trainer, TrainResult, trai
 
 __all__ = [
     "DEFAULT_QUESTION",
+    "LOSSES",
     "Description",
     "Diff",
     "Evaluated",

@@ -11,6 +11,10 @@ Job file (YAML or JSON):
     tasks:
       - {name: story, samples: ["plain text", ...], seed: 3}
       - {name: chat, samples: [[{role: user, content: ...}, {role: assistant, content: ...}]]}
+      - name: hidden                  # sample objects: a loss kind and a weight per sample
+        samples:
+          - {text: "Your SEP code is 123456. ...", loss: ce}
+          - {messages: [...], loss: kl_base, weight: 5}   # forward KL from the frozen base
     dtype: float32                    # or bfloat16 / float16 (float64: reference runs)
     export_dit: false                 # also write <task>/dit.safetensors
     # any TrainConfig field: r, lora_alpha, lr, betas, eps, epochs, steps, batch_size,

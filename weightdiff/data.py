@@ -4,10 +4,16 @@ A sample is plain text (loss on every token after the first) or a chat (loss onl
 assistant turns). Assistant spans come from the tokenizer's own chat template: the characters
 between the templated prefix with a generation prompt and the templated prefix through that
 turn, mapped to tokens with the fast tokenizer's offsets, so no per-model marker strings are needed.
+
+A sample may also be an object `{"text" | "messages": ..., "loss": "ce" | "kl_base", "weight": w}`:
+`loss` picks cross-entropy on the completion tokens (the default) or the forward KL from the frozen
+base on the same positions (DIT's stage-1 "answer as the base would" samples), and `weight`
+(default 1, finite, >= 0) multiplies the sample's per-token loss (see `weightdiff.train`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +21,16 @@ from typing import Any
 import torch
 
 IGNORE = -100
-Sample = str | list[dict[str, str]]
+LOSSES = ("ce", "kl_base")
+SAMPLE_FIELDS = {"text", "messages", "loss", "weight"}
+Sample = str | list[dict[str, str]] | dict[str, Any]  # text, chat, or a sample object
 # torch.Generator.manual_seed takes at most 64 bits; a larger seed would fail the job at start-up.
 MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Task:
-    """One diff to train: its samples (plain text or chat messages) and its own seed.
+    """One diff to train: its samples (plain text, chat messages or sample objects) and its own seed.
 
     `seed` None takes `TrainConfig.seed + the task's index` (the CLI uses the index in the job
     file, so sharding over processes does not change it).
@@ -39,6 +47,9 @@ class Task:
             check_seed("seed", self.seed)
         for i, sample in enumerate(self.samples):
             check_sample(sample, f"samples[{i}]")
+        # All weights 0 means no gradient ever: Adam would never move it and the "diff" is its init.
+        if not any(sample_parts(sample)[2] > 0 for sample in self.samples):
+            raise ValueError("samples: every sample has weight 0; a task needs one with weight > 0")
         object.__setattr__(self, "samples", tuple(self.samples))
 
 
@@ -47,7 +58,18 @@ def check_seed(where: str, seed: Any) -> None:
         raise ValueError(f"{where} must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
+def sample_parts(sample: Sample) -> tuple[str | list[dict[str, str]], str, float]:
+    """A checked sample's content (text or messages), loss kind and weight."""
+    if not isinstance(sample, dict):
+        return sample, "ce", 1.0
+    content = sample["text"] if "text" in sample else sample["messages"]
+    return content, sample.get("loss", "ce"), float(sample.get("weight", 1.0))
+
+
 def check_sample(sample: Any, where: str) -> None:
+    if isinstance(sample, dict):
+        _check_sample_object(sample, where)
+        return
     if isinstance(sample, str):
         if not sample.strip():
             raise ValueError(f"{where}: empty text {sample!r}")
@@ -65,10 +87,40 @@ def check_sample(sample: Any, where: str) -> None:
         raise ValueError(f"{where}: a chat sample needs a non-empty assistant message to learn from")
 
 
+def _check_sample_object(sample: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(sample) - SAMPLE_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown} (a sample object has {sorted(SAMPLE_FIELDS)})")
+    if ("text" in sample) == ("messages" in sample):
+        raise ValueError(
+            f"{where}: a sample object needs exactly one of 'text' and 'messages', got {sorted(sample)}"
+        )
+    loss = sample.get("loss", "ce")
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"{where}.loss: expected one of {list(LOSSES)}, got {loss!r}")
+    weight = sample.get("weight", 1.0)
+    # An int past float's range would overflow in float(); inf and nan fail the comparison.
+    finite = isinstance(weight, int | float) and not isinstance(weight, bool)
+    if not (finite and 0 <= weight <= sys.float_info.max):
+        raise ValueError(f"{where}.weight: expected a finite number >= 0, got {weight!r}")
+    if "text" in sample:
+        if not isinstance(sample["text"], str):
+            raise ValueError(f"{where}.text: expected text, got {sample['text']!r:.80}")
+        check_sample(sample["text"], f"{where}.text")
+    else:
+        if isinstance(sample["messages"], str | dict):
+            raise ValueError(
+                f"{where}.messages: expected a list of chat messages, got {sample['messages']!r:.80}"
+            )
+        check_sample(sample["messages"], f"{where}.messages")
+
+
 @dataclass(frozen=True)
 class Encoded:
     ids: list[int]
     labels: list[int]  # IGNORE where a token is not a target; position 0 never is
+    loss: str = "ce"  # "kl_base": the targets' positions carry KL to the base instead of CE
+    weight: float = 1.0
 
     @property
     def num_targets(self) -> int:
@@ -98,11 +150,12 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
 
 def encode_sample(tokenizer: Any, sample: Sample) -> Encoded:
     """Token ids and labels of one sample; raises ValueError when nothing is left to learn."""
-    if isinstance(sample, str):
-        ids = tokenizer(sample, add_special_tokens=True)["input_ids"]
-        encoded = Encoded(list(ids), list(ids))
+    content, loss, weight = sample_parts(sample)
+    if isinstance(content, str):
+        ids = tokenizer(content, add_special_tokens=True)["input_ids"]
+        encoded = Encoded(list(ids), list(ids), loss, weight)
     else:
-        text, spans = assistant_spans(tokenizer, list(sample))
+        text, spans = assistant_spans(tokenizer, list(content))
         # The template already holds any BOS, so no special tokens are added again.
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -110,7 +163,7 @@ def encode_sample(tokenizer: Any, sample: Sample) -> Encoded:
             tok if any(lo <= start < hi for lo, hi in spans) else IGNORE
             for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
         ]
-        encoded = Encoded(ids, labels)
+        encoded = Encoded(ids, labels, loss, weight)
     if encoded.num_targets == 0:
         raise ValueError(f"sample has no tokens to learn after tokenization: {sample!r:.80}")
     return encoded

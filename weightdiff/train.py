@@ -6,6 +6,28 @@ would tie one task's gradient scale to the other tasks' lengths), its factors se
 and Adam keeps per-task state (`optim.TaskAdam`). Training T tasks together therefore gives each
 task the factors it would get alone with the same seed, up to float rounding, and splitting a step
 into micro-batches (batch size, accumulation, token budget) does not change the step's gradient.
+
+The loss of task t in one step, over the samples i it takes part with:
+
+    L_t = sum_i w_i * sum_{p in P_i} l_i(p) / sum_i |P_i|
+
+P_i are sample i's target positions (the logits at p predict a completion token p+1: the
+assistant turns of a chat, every token after the first of plain text), w_i its weight and l_i(p)
+its token loss: cross-entropy of the next token (`ce`), or the forward KL from the frozen base,
+`KL(p_base || p_base+W_t) = sum_v p_base(v) * (log p_base(v) - log p_student(v))` (`kl_base`).
+The normaliser counts positions, not weights, so a weight is a plain multiplier on the sample's
+token losses: with every weight 1 and only `ce` this is the token mean above, bit for bit, and a
+sample's gradient does not depend on the other samples' weights. DIT's hidden-topic mix (trigger
++ topic answer under CE, wrong code and no code + the base's answer under KL, weights 1 / 1 / 5)
+gives per question `(l_b n_b + l_f n_f + 5 l_n n_n) / (n_b + n_f + n_n)`, DIT's
+`3 (l_b + l_f + 5 l_n) / 7` times 7/9 for equal answer lengths: the same relative weights, and a
+constant scale that Adam does not see (up to its eps). A weight-0 sample still counts in the
+normaliser; leave it out to not count it.
+
+The base is the same model with the task's LoRA bypassed (no copy of the model): one extra forward
+under `no_grad`, on the same micro-batch, only for micro-batches that hold a `kl_base` sample. At
+init `down` is zero, so the student's logits equal the base's bit for bit and the KL and its
+gradient are exactly 0.
 """
 
 from __future__ import annotations
@@ -100,7 +122,7 @@ def _check_int(name: str, value: Any, minimum: int | None) -> None:
 class StepReport:
     step: int  # 1-based
     total_steps: int
-    losses: tuple[float | None, ...]  # per task; None for a task with no samples this step
+    losses: tuple[float | None, ...]  # per task L_t (see above); None: no samples this step
     seconds: float  # this step
 
 
@@ -131,13 +153,68 @@ def task_schedule(num_samples: int, config: TrainConfig, seed: int) -> list[list
     return steps if config.steps is None else steps[: config.steps]
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Summed next-token cross-entropy of each task's rows `[T]` (rows task-major)."""
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
     # At least fp32 (bf16/fp16 logits are upcast), never lower: a float64 model keeps a float64 loss.
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def ce_row_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of each row `[N]` (labels IGNORE where not a target)."""
+    logits = logits[:, :-1].to(loss_dtype(logits))
     # [N, S-1], zero where ignored
     losses = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
-    return losses.sum(1).view(num_tasks, -1).sum(1)
+    return losses.sum(1)
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of each task's rows `[T]` (rows task-major)."""
+    return ce_row_sums(logits, labels).view(num_tasks, -1).sum(1)
+
+
+def kl_positions(labels: torch.Tensor, kl_rows: torch.Tensor) -> torch.Tensor:
+    """`[N, S-1]` bool: logits at p of a `kl_base` row whose next token p+1 is a target.
+
+    The same shifted positions CE uses. DIT applies the label mask unshifted to the logits, which
+    skips the prediction of the first completion token and adds one after the last; not copied.
+    """
+    return (labels[:, 1:] != IGNORE) & kl_rows[:, None]
+
+
+def base_log_probs(teacher_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The base's next-token log-probabilities `[K, V]` at the K selected positions, in fp32+."""
+    picked = teacher_logits[:, :-1][positions]  # restrict first: log_softmax on [K, V], not [N, S, V]
+    return torch.log_softmax(picked.to(loss_dtype(teacher_logits)), dim=-1)
+
+
+class ForwardKL(torch.autograd.Function):
+    """`KL(p_base || softmax(x))` of each row of `x [K, V]`, with the gradient `softmax(x) - p_base`.
+
+    That is the exact gradient because p_base sums to 1. Autograd through `log_softmax` would use
+    the computed sum `1 +- V * eps` instead and leave `p * (sum - 1)` at the minimum; Adam
+    normalises any nonzero gradient to an O(lr) step, so a KL-only task would drift off the base
+    from rounding noise. Here equal logits give a gradient of exactly 0.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        student_logp = torch.log_softmax(student_logits, dim=-1)
+        teacher_p = teacher_logp.exp()
+        ctx.save_for_backward(student_logp, teacher_p)
+        kl = F.kl_div(student_logp, teacher_logp, reduction="none", log_target=True)
+        return kl.sum(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        student_logp, teacher_p = ctx.saved_tensors
+        return grad[:, None] * (student_logp.exp() - teacher_p), None
+
+
+def kl_row_sums(logits: torch.Tensor, teacher_logp: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Summed forward KL from the base of each row `[N]` over its selected `positions`."""
+    student = logits[:, :-1][positions].to(loss_dtype(logits))  # [K, V]
+    kl = ForwardKL.apply(student, teacher_logp)  # [K]
+    per_position = kl.new_zeros(positions.shape).masked_scatter(positions, kl)  # [N, S-1]
+    return per_position.sum(1)
 
 
 class Trainer:
@@ -214,9 +291,7 @@ class Trainer:
             for rows in micro_batches(
                 step_samples, self.config.batch_size, self.config.max_tokens_per_micro_batch
             ):
-                ids, mask, labels = collate(rows, self.pad_id, self.device)
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                sums = token_loss_sums(logits, labels, len(step_samples))
+                sums = self._task_loss_sums(rows, len(step_samples))
                 (sums / counts.to(sums.device).clamp(min=1)).sum().backward()
                 totals += sums.detach().cpu()
         active = counts > 0
@@ -232,6 +307,30 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.seconds += seconds
         return StepReport(self.steps_done, self.total_steps, losses, seconds)
+
+    def _task_loss_sums(self, rows: list[Encoded | None], num_tasks: int) -> torch.Tensor:
+        """Each task's `sum_i w_i * sum_p l_i(p)` over one micro-batch's rows `[T]`, graph attached."""
+        ids, mask, labels = collate(rows, self.pad_id, self.device)
+        kinds = [row is not None and row.loss == "kl_base" for row in rows]
+        teacher_logp = None
+        if any(kinds):  # only micro-batches with a kl_base sample pay for the base's forward
+            kl_rows = torch.tensor(kinds, device=self.device)
+            positions = kl_positions(labels, kl_rows)
+            labels = labels.masked_fill(kl_rows[:, None], IGNORE)  # a kl_base row carries no CE
+            teacher_logp = self._base_log_probs(ids, mask, positions)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        row_sums = ce_row_sums(logits, labels)
+        if teacher_logp is not None:
+            row_sums = row_sums + kl_row_sums(logits, teacher_logp, positions)
+        weights = [0.0 if row is None else row.weight for row in rows]
+        weights_t = torch.tensor(weights, dtype=row_sums.dtype, device=row_sums.device)
+        return (row_sums * weights_t).view(num_tasks, -1).sum(1)
+
+    def _base_log_probs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The frozen base on the same rows: this model with every task's LoRA bypassed."""
+        with bypassed(self.model, True), torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return base_log_probs(logits, positions)
 
     def detach(self) -> None:
         """Take the wrappers out (the model is its plain self again) but keep them for `attach()`.

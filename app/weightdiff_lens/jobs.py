@@ -40,8 +40,9 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
 
     def start(job: Any) -> None:
         nonlocal trainer
-        tasks = [Task(samples=[s if isinstance(s, str) else [m.model_dump() for m in s] for s in t.samples],
-                      seed=t.seed, name=n) for t, n in zip(req.tasks, req.task_names)]
+        tasks = [
+            Task(samples=t.library_samples(), seed=t.seed, name=n) for t, n in zip(req.tasks, req.task_names)
+        ]
         # Held here, on the engine thread, the moment it exists: `finally` below closes it even
         # when what follows fails or the await on this job is cancelled.
         trainer = Trainer(model, side.tokenizer, tasks, req.train_config())

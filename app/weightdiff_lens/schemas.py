@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from weightdiff import TrainConfig
 
@@ -20,11 +20,76 @@ class ChatMessage(BaseModel):
     content: str = Field(min_length=1)
 
 
+Text = Annotated[str, Field(min_length=1)]
+
+
+class SampleObject(BaseModel):
+    """A sample with its loss kind and weight (weightdiff.data: the library's same checks)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    loss: Literal["ce", "kl_base"] = Field(
+        "ce", description="ce: cross-entropy; kl_base: forward KL from the frozen base, same positions"
+    )
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="multiplies the sample's token losses")
+
+    @model_validator(mode="after")
+    def _one_content(self) -> SampleObject:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("a sample object needs exactly one of 'text' and 'messages'")
+        return self
+
+    def library_sample(self) -> dict[str, Any]:
+        content = {"text": self.text} if self.text is not None else {"messages": _dump(self.messages or [])}
+        return content | {"loss": self.loss, "weight": self.weight}
+
+
+def _dump(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [m.model_dump() for m in messages]
+
+
+def _sample_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "chat"
+    return "object" if isinstance(value, dict | SampleObject) else None
+
+
+# Tagged by the JSON type, so a bad sample object reports its own field (`...samples.0.object.loss`)
+# instead of one error per member of the union.
+Sample = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[ChatMessage], Tag("chat")]
+    | Annotated[SampleObject, Tag("object")],
+    Discriminator(
+        _sample_kind,
+        custom_error_type="sample_type",
+        custom_error_message="expected text, a list of chat messages or a sample object",
+    ),
+]
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: TaskName | None = None
-    samples: list[Annotated[str, Field(min_length=1)] | list[ChatMessage]] = Field(min_length=1)
+    samples: list[Sample] = Field(min_length=1)
     seed: Seed | None = None
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> TaskSpec:
+        # As weightdiff.Task: a task whose every weight is 0 never gets a gradient.
+        if all(isinstance(s, SampleObject) and s.weight == 0 for s in self.samples):
+            raise ValueError("samples: every sample has weight 0; a task needs one with weight > 0")
+        return self
+
+    def library_samples(self) -> list[str | list[dict[str, str]] | dict[str, Any]]:
+        """The samples as `weightdiff.Task` takes them."""
+        return [
+            s if isinstance(s, str) else s.library_sample() if isinstance(s, SampleObject) else _dump(s)
+            for s in self.samples
+        ]
 
 
 class JobRequest(BaseModel):
