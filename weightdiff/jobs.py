@@ -38,6 +38,7 @@ class JobRecord:
     outputs: dict[str, str] = field(default_factory=dict)
     registered: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)  # a kind's own outputs, e.g. held-out metrics
 
     def public(self) -> dict[str, Any]:
         body = asdict(self)

@@ -1,0 +1,1 @@
+"""The interpreter (DIT) lens: `/dit/jobs`, `/dit/describe`, `/dit/evaluate`."""
