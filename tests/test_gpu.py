@@ -296,7 +296,9 @@ def test_real_cuda_oom_fails_only_that_request(oom_client, record_property):
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(CUDA).total_memory
     held = torch.cuda.memory_reserved(CUDA)
-    torch.cuda.set_per_process_memory_fraction((held + HEADROOM) / total, CUDA)
+    # An index, not torch.device("cuda"): torch 2.11 refuses a device without one here.
+    index = torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction((held + HEADROOM) / total, index)
     try:
         r = oom_client.post("/generate_lda", json=huge)
         record_property("oom_status", r.status_code)
@@ -310,5 +312,5 @@ def test_real_cuda_oom_fails_only_that_request(oom_client, record_property):
         assert again.status_code == 200, again.text[:500]
         assert again.json()["tokens_generated"] == 8
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
     assert oom_client.get("/ready").status_code == 200
