@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     max_weightdiff_jobs: int = Field(
         256, ge=1, description="weight-diff jobs kept on disk; a new job beyond it is refused (409)"
     )
+    max_dit_pairs: int = Field(
+        4096,
+        ge=1,
+        description="(diff, description) pairs per interpreter job (test pairs included) or /dit/evaluate",
+    )
+    max_describe_diffs: int = Field(
+        256,
+        ge=1,
+        description="diffs per /dit/describe; also the rows of one interpreter forward (a job's batch_size, "
+        "evaluate's chunks, diffs x candidates when scoring)",
+    )
     max_config_bytes: int = Field(
         256 * 1024, ge=1024, description="largest amplification config (inline or file), in bytes"
     )

@@ -80,6 +80,8 @@ def info_body(
             "max_weightdiff_samples": settings.max_weightdiff_samples,
             "max_weightdiff_steps": settings.max_weightdiff_steps,
             "max_weightdiff_jobs": settings.max_weightdiff_jobs,
+            "max_dit_pairs": settings.max_dit_pairs,
+            "max_describe_diffs": settings.max_describe_diffs,
             "max_adapters": settings.max_adapters,
             "max_adapter_bytes": settings.max_adapter_bytes,
             "allow_hub_adapters": settings.allow_hub_adapters,
