@@ -45,7 +45,8 @@ try:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:  # pragma: no cover - the test extra installs it
     webdriver = None
 
@@ -372,6 +373,56 @@ def test_a_weightdiff_job_shows_loss_curves_and_its_adapter_runs_in_compare(page
     set_value(page, "c-search", "pineapple")
     screenshot(page, "page-compare.png")
     assert not console_errors(page)
+
+
+def test_a_finished_jobs_tasks_are_described_with_an_interpreter(page, server):
+    """The job of the test above: an interpreter trained on its sun diff (API), then the page asks
+    both tasks the question in one batch, registering the cat task on the way; what it shows is
+    what POST /dit/describe answers; "none" asks M + W alone; a blank question is refused at its field."""
+    jobs = httpx.get(f"{server}/weightdiff/jobs").json()["jobs"]
+    job = max((j for j in jobs if j["status"] == "done"), key=lambda j: j["created"])
+    sun, cat = f"wd-{job['id']}-sun", f"wd-{job['id']}-cat"
+    body = {"pairs": [{"diff": sun, "description": "Sun"}], "steps": 2, "lr": 1e-3, "register": True}
+    dit_id = httpx.post(f"{server}/dit/jobs", json=body).json()["id"]
+    wait(page, lambda d: httpx.get(f"{server}/dit/jobs/{dit_id}").json()["status"] == "done")
+    interpreter = f"dit-{dit_id}"
+    page.execute_script("window.location.hash = '#jobs'")
+    css(page, f"#job-list button[data-id='{job['id']}']")[0].click()  # re-render: lists the new interpreter
+    wait(page, lambda d: d.find_element(By.ID, "d-dit").get_attribute("value") == interpreter)
+    set_value(page, "d-candidates", "Sun, Cat")
+    page.find_element(By.ID, "d-run").click()
+    rows = wait(page, lambda d: css(d, "#d-results tbody tr"))
+    assert [r.get_attribute("data-task") for r in rows] == ["sun", "cat"]
+    assert cat in {a["name"] for a in httpx.get(f"{server}/adapters").json()["adapters"]}
+    assert css(page, "#job-detail td.adapter[data-task='cat'] button")[0].text == f"use {cat} in Compare"
+    ask = {"dit": interpreter, "diffs": [sun, cat], "candidates": ["Sun", "Cat"]}
+    expected = httpx.post(f"{server}/dit/describe", json=ask).json()["results"]
+    shown_rows = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    for row, want in zip(shown_rows, expected):
+        assert row[1] == want["diff"] and row[2] == want["text"].strip()
+        assert row[3] == best_cell(want)
+    page.execute_script("document.getElementById('describe-form').scrollIntoView({block: 'end'})")
+    screenshot(page, "page-dit.png")
+
+    Select(page.find_element(By.ID, "d-dit")).select_by_value("")  # no interpreter: M + W
+    table = page.find_element(By.CSS_SELECTOR, "#d-results table")
+    page.find_element(By.ID, "d-run").click()
+    wait(page, staleness_of(table))  # the answers were replaced
+    plain = httpx.post(f"{server}/dit/describe", json={**ask, "dit": None}).json()["results"]
+    wait(page, lambda d: [c.text for c in css(d, "#d-results td.best")] == [best_cell(p) for p in plain])
+
+    set_value(page, "d-question", "")
+    page.find_element(By.ID, "d-run").click()
+    error = wait(page, lambda d: d.find_element(By.ID, "d-question-error"))
+    assert "question" in error.text
+    assert page.find_element(By.ID, "d-question").get_attribute("aria-invalid") == "true"
+    assert not console_errors(page, allow=["status of 422"])
+
+
+def best_cell(result):
+    """The page's "best candidate" cell for one /dit/describe result."""
+    top = max(result["candidates"], key=lambda c: c["logprob"])
+    return f"{top['text']} ({top['logprob']:.2f})"
 
 
 # --- API key ----------------------------------------------------------------------------------

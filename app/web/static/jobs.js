@@ -1,8 +1,10 @@
 // Weight-diff jobs: submit, watch progress and per-task loss curves, register a finished task's
-// LoRA as an adapter (POST /adapters with the job's output folder) and open it in Compare.
+// LoRA as an adapter (POST /adapters with the job's output folder) and open it in Compare, or ask
+// the finished tasks what they encode through a DIT interpreter (dit.js).
 
 import { getJSON, postJSON } from "./api.js";
 import { selectExtra } from "./compare.js";
+import { describeSection } from "./dit.js";
 import { lossPlot } from "./plot.js";
 import { clearErrors, el, fill, listEntry, num, online, showError, text } from "./ui.js";
 
@@ -70,7 +72,7 @@ function showDetail(job) {
     const losses = job.losses[t] || [];
     return el("tr", {}, el("td", {}, name),
       el("td", { class: "num" }, losses.length ? losses[losses.length - 1].toFixed(4) : "–"),
-      el("td", {}, adapterCell(job, name)));
+      el("td", { class: "adapter", "data-task": name }, adapterCell(job, name)));
   });
   fill(panel,
     el("h2", {}, `Job ${job.id} `, el("span", { class: `status s-${job.status}` }, job.status)),
@@ -79,30 +81,44 @@ function showDetail(job) {
     el("table", { class: "summary" },
       el("thead", {}, el("tr", {}, ["task", "last loss", "adapter"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)),
+    describeSection(job, known, (task) => ensureRegistered(job, task)),
   );
 }
 
 function adapterCell(job, task) {
-  const registered = job.registered[task] || (known.has(`wd-${job.id}-${task}`) ? `wd-${job.id}-${task}` : null);
-  if (registered) {
-    return el("button", { type: "button", class: "small", onclick: () => useInCompare(registered) },
-      `use ${registered} in Compare`);
-  }
+  const registered = registeredName(job, task);
+  if (registered) return useButton(registered);
   if (!job.outputs[task]) return el("span", { class: "muted" }, "not trained yet");
   return el("button", { type: "button", class: "small", onclick: (e) => register(job, task, e.target) }, "register as adapter");
 }
 
-/** The same name `register: true` would give, so a page-registered diff looks like a job-registered one. */
-async function register(job, task, button) {
+function registeredName(job, task) {
+  return job.registered[task] || (known.has(`wd-${job.id}-${task}`) ? `wd-${job.id}-${task}` : null);
+}
+
+/** The task's adapter, registered now under the name `register: true` would give when it is not yet. */
+async function ensureRegistered(job, task) {
+  const existing = registeredName(job, task);
+  if (existing) return existing;
   const name = `wd-${job.id}-${task}`;
+  await postJSON("/adapters", { name, source: job.outputs[task], replace: true });
+  known.add(name);
+  document.querySelector(`#job-detail td.adapter[data-task="${task}"]`)?.replaceChildren(useButton(name));
+  return name;
+}
+
+async function register(job, task, button) {
   button.disabled = true;
   try {
-    await postJSON("/adapters", { name, source: job.outputs[task], replace: true });
-    button.replaceWith(el("button", { type: "button", class: "small", onclick: () => useInCompare(name) }, `use ${name} in Compare`));
+    await ensureRegistered(job, task); // swaps this cell's button for "use NAME in Compare"
   } catch (exc) {
     button.disabled = false;
     showError(form(), exc, () => register(job, task, button));
   }
+}
+
+function useButton(name) {
+  return el("button", { type: "button", class: "small", onclick: () => useInCompare(name) }, `use ${name} in Compare`);
 }
 
 function useInCompare(name) {
