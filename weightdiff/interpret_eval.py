@@ -18,15 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightdiff.data import IGNORE, Encoded, collate
-from weightdiff.interpret_train import (
-    DEFAULT_QUESTION,
-    _takes_logits_to_keep,
-    batch_loss,
-    encode_pair,
-    prompt_ids,
-    target_logits,
-)
+from weightdiff.interpret_train import DEFAULT_QUESTION, _takes_logits_to_keep, batch_loss, encode_pair, prompt_ids
 from weightdiff.interpreter import Diff, check_diff, clear_diffs, interpreting, linear_shapes, set_diffs
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as on the generation routes
@@ -178,25 +170,41 @@ def _score(
     diffs: Sequence[Diff | None],
     max_rows: int,
 ) -> list[list[float]]:
-    """`[diff][candidate]` summed log-probabilities, diffs x candidates rows teacher-forced."""
+    """`[diff][candidate]` summed log-probabilities, teacher-forced.
+
+    The prompt runs once per diff; its KV cache is then repeated for the diff's K candidates, so a
+    candidate costs its own tokens only (the prompt is most of a row: DIT's question is ~15 tokens,
+    a topic 1-3). Candidates are right-padded: a pad comes after every real token of its row, so
+    the causal mask keeps it out of what they see, and its prediction is dropped.
+    """
     if not candidate_ids:
         return [[] for _ in diffs]
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     device = model.get_input_embeddings().weight.device
-    per_chunk = max(1, max_rows // len(candidate_ids))
+    k, width = len(candidate_ids), max(map(len, candidate_ids))
+    cand = torch.tensor([c + [pad_id] * (width - len(c)) for c in candidate_ids], device=device)
+    real = torch.tensor([[j < len(c) for j in range(width)] for c in candidate_ids], device=device)
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    per_chunk = max(1, max_rows // k)
     out: list[list[float]] = []
     for lo in range(0, len(diffs), per_chunk):
         chunk = diffs[lo : lo + per_chunk]
-        rows = [Encoded(prompt + c, [IGNORE] * len(prompt) + c) for _ in chunk for c in candidate_ids]
-        ids, mask, labels = collate(rows, pad_id, device)
         set_diffs(model, chunk)  # rows are diff-major: diff d's candidates are rows d*K .. d*K+K-1
         try:
-            logits = target_logits(model, ids, mask, len(prompt))
+            first = model(input_ids=torch.tensor([prompt] * len(chunk), device=device), use_cache=True, **keep)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(k)
+            # the first candidate token is predicted by the prompt's last position
+            logits = first.logits[:, -1:].repeat_interleave(k, 0)
+            if width > 1:
+                rest = model(input_ids=cand[:, :-1].repeat(len(chunk), 1), past_key_values=cache, use_cache=True)
+                logits = torch.cat([logits, rest.logits], 1)
         finally:
             clear_diffs(model)
-        labels = labels[:, len(prompt) :]
-        picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        sums = torch.where(labels != IGNORE, picked, 0.0).sum(1).view(len(chunk), -1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        labels = cand.repeat(len(chunk), 1)
+        picked = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+        sums = torch.where(real.repeat(len(chunk), 1), picked, 0.0).sum(1).view(len(chunk), -1)
         out += sums.double().cpu().tolist()
     return out
 

@@ -7,8 +7,9 @@
 `deploy/gpu_check.sh` (`make gpu-check`) picks the Python, then runs this. With CUDA (`--size 1b`):
 the `gpu`-marked tests of tests/test_gpu.py, then `bench_lda` (1, 8 and 64 rows against `generate`),
 `bench_amplification` (apply+restore against PEFT merge+unmerge and a reload; adapter-mode against
-two-model LDA), `bench_weightdiff` (T = 8 and 16 against one-at-a-time PEFT) and `bench_repro`
-(token agreement of rows batched vs alone) on a ~0.95B random Llama pair in bf16, built on the
+two-model LDA), `bench_weightdiff` (T = 8 and 16 against one-at-a-time PEFT), `bench_repro`
+(token agreement of rows batched vs alone) and `bench_dit` (an interpreter step against a stage-1
+step; describe of 64 diffs against one) on a ~0.95B random Llama pair in bf16, built on the
 device. Without CUDA (`--size tiny`): the same benchmarks on tiny
 CPU models, so CI keeps this script working; the GPU tests are skipped, and `skipped` says so.
 
@@ -148,6 +149,8 @@ GPU_SECTIONS: dict[str, tuple[str, int]] = {
         "--size 1b --device cuda --dtype bf16 --tasks 8 16 --steps 5 --seq-len 64 --repeats 1",
         100,
     ),
+    # DIT's interpreter step over a stage-1 step (goal <= 1.3), describe of 64 diffs over 1 (<= 3)
+    "bench_dit": ("--size 1b --device cuda --dtype bf16 --tasks 8 --describe 64 --steps 3 --repeats 2", 90),
 }
 TINY_SECTIONS: dict[str, tuple[str, int]] = {
     "bench_lda": ("--size tiny --device cpu --tokens 8 --rows 1 4 --repeats 1", 120),
@@ -161,6 +164,7 @@ TINY_SECTIONS: dict[str, tuple[str, int]] = {
     ),
     # fp32 on a CPU: every row must agree (the suite's exact claim), so the tiny run checks the script
     "bench_repro": ("--size tiny --device cpu --dtype fp32 --prompts 6 --tokens 6", 120),
+    "bench_dit": ("--size tiny --device cpu --tasks 2 --describe 4 --steps 1 --repeats 1 --threads 1", 120),
 }
 GPU_TESTS_LIMIT = 150
 REQUIRED_SECTIONS = ("environment", "gpu_tests", *GPU_SECTIONS)
