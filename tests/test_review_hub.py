@@ -237,7 +237,7 @@ def test_weightdiff_job_folders_are_bounded_and_purgeable(tiny_dirs, tmp_path):
         first = c.post("/weightdiff/jobs", json=job).json()["id"]
         r = c.post("/weightdiff/jobs", json=job)
         assert r.status_code == 409, r.text
-        assert "the limit is 1 (MAX_WEIGHTDIFF_JOBS)" in r.json()["error"]["message"]
+        assert "the limit is 1 (MAX_WEIGHTDIFF_JOBS" in r.json()["error"]["message"]
         assert "?purge=true" in r.json()["error"]["message"]
         assert wait_final(c, first)["status"] == "done"
         adapter = f"wd-{first}-task0"

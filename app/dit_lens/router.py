@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from weightdiff import describe, normalise
@@ -18,6 +16,7 @@ from weightdiff.interpret_train import encode_pair
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 
 from app.amplification_lens.jobs import text_side
+from app.api.background import start_job
 from app.api.deps import AmplifierDep, EngineDep, SettingsDep, get_amplifier
 from app.api.schemas import ERRORS, not_found
 from app.dit_lens.jobs import RESULT, default_candidates, drive, evaluate_all, public, resolve
@@ -104,23 +103,10 @@ async def submit(
     """Train the interpreter L on (diff, description) pairs; returns the job id at once."""
     _check_job(req, amp, settings)
     await _check_texts(engine, amp, req.question, _described(req)[0])
-    store = _store(request)
-    # Checked with no await before create(), so two submits cannot both take the last place.
-    if len(store) >= settings.max_weightdiff_jobs:
-        raise HTTPException(
-            409,
-            f"{len(store)} interpreter jobs are kept on disk, the limit is {settings.max_weightdiff_jobs} "
-            "(MAX_WEIGHTDIFF_JOBS, for each kind of job): delete finished ones with "
-            "DELETE /dit/jobs/JOB_ID?purge=true",
-        )
-    record = store.create(req.model_dump(), [RESULT])
-    cancels: dict[str, threading.Event] = request.app.state.dit_cancels
-    cancels[record.id] = threading.Event()
-    task = asyncio.create_task(drive(request.app, record, req, cancels[record.id]))
-    request.app.state.job_tasks.add(task)
-    task.add_done_callback(lambda _: cancels.pop(record.id, None))
-    task.add_done_callback(request.app.state.job_tasks.discard)
-    return {"id": record.id, "status": record.status}
+    app = request.app
+    return start_job(request, _store(request), req.model_dump(), [RESULT], app.state.dit_cancels,
+                    lambda record, cancel: drive(app, record, req, cancel), settings.max_weightdiff_jobs,
+                    "interpreter", "/dit/jobs")  # fmt: skip
 
 
 def _record(request: Request, job_id: str) -> JobRecord:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 from weightdiff.lora import select_targets
 
+from app.api.background import start_job
 from app.api.deps import AmplifierDep, EngineDep, SettingsDep, get_amplifier
 from app.api.schemas import ERRORS, not_found
 from app.weightdiff_lens.jobs import drive
@@ -46,23 +45,10 @@ async def submit(
         amp.check_room(len(req.tasks))
     if req.targets is not None:
         await engine.run(lambda job: select_targets(amp.model, req.targets))
-    store = _store(request)
-    # Checked with no await before create(), so two submits cannot both take the last place.
-    if len(store) >= settings.max_weightdiff_jobs:
-        raise HTTPException(
-            409,
-            f"{len(store)} weight-diff jobs are kept on disk, the limit is {settings.max_weightdiff_jobs} "
-            "(MAX_WEIGHTDIFF_JOBS): delete finished ones with DELETE /weightdiff/jobs/JOB_ID?purge=true",
-        )
-    record = store.create(req.model_dump(), req.task_names)
-    cancels: dict[str, threading.Event] = request.app.state.job_cancels
-    cancels[record.id] = threading.Event()
-    task = asyncio.create_task(drive(request.app, record, req, cancels[record.id]))
-    request.app.state.job_tasks.add(task)
-    # A finished job needs no cancel flag: drop it, so the map holds only jobs still running.
-    task.add_done_callback(lambda _: cancels.pop(record.id, None))
-    task.add_done_callback(request.app.state.job_tasks.discard)
-    return {"id": record.id, "status": record.status}
+    app = request.app
+    return start_job(request, _store(request), req.model_dump(), req.task_names, app.state.job_cancels,
+                    lambda record, cancel: drive(app, record, req, cancel), settings.max_weightdiff_jobs,
+                    "weight-diff", "/weightdiff/jobs")  # fmt: skip
 
 
 def _record(request: Request, job_id: str) -> JobRecord:
