@@ -249,6 +249,9 @@ def test_ctrl_c(server, tmp_path, cancel):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As in a terminal: a runner started in the background (`cmd &`) passes SIGINT on ignored,
+        # and Python then installs no KeyboardInterrupt handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = proc.stdout.readline()
     assert first.startswith("Submitted experiment "), first + proc.stderr.read()
