@@ -425,6 +425,12 @@ def best_cell(result):
     return f"{top['text']} ({top['logprob']:.2f})"
 
 
+def test_a_page_opened_on_another_view_still_names_the_models(page, server):
+    page.get(f"{server}/?fresh=1#jobs")  # a new query: a real load, not a hash change
+    wait(page, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+    assert page.find_element(By.ID, "view-jobs").is_displayed()
+
+
 # --- API key ----------------------------------------------------------------------------------
 
 

@@ -60,3 +60,5 @@ setupExperiments();
 setupJobs(openTab);
 setupTabs();
 openTab(location.hash.slice(1) || "compare");
+// The header's model line comes from Compare's /info call: load it too when the page opens elsewhere.
+if (location.hash !== "#compare") loadCompare();
