@@ -20,6 +20,7 @@ from app.amplification_lens.router import router as amplification_router
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import CountRequests, Guard
+from app.diffing_lens.router import router as diffing_router
 from app.dit_lens.router import router as dit_router
 from app.engine import Engine
 from app.experiments_lens.jobs import Runner
@@ -110,6 +111,10 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
         lost = app.state.dit_jobs.recover()
         if lost:
             log.warning("interpreter jobs interrupted by the last shutdown: %s", ", ".join(lost))
+        app.state.diffing_jobs = JobStore(settings.data_dir / "diffing_jobs")
+        lost = app.state.diffing_jobs.recover()
+        if lost:
+            log.warning("diffing jobs interrupted by the last shutdown: %s", ", ".join(lost))
         app.state.experiments = ExperimentStore(settings.data_dir / "experiments")
         app.state.experiment_runner = runner = Runner(app)
         resume = app.state.experiments.recover()
@@ -129,6 +134,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
             await asyncio.to_thread(app.state.engine.stop)
             interrupt_active(app.state.jobs)
             interrupt_active(app.state.dit_jobs)
+            interrupt_active(app.state.diffing_jobs)
             app.state.experiments.recover()  # experiments left running are reported interrupted
 
     app = FastAPI(
@@ -156,12 +162,14 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
     app.state.started_at = time.time()  # /v1/models' `created`
     app.state.job_cancels = {}
     app.state.dit_cancels = {}
+    app.state.diffing_cancels = {}
     install_error_handlers(app)
     app.include_router(system_router)
     app.include_router(lda_router)
     app.include_router(amplification_router)
     app.include_router(weightdiff_router)
     app.include_router(dit_router)
+    app.include_router(diffing_router)
     app.include_router(experiments_router)
     app.include_router(openai_router)
     app.include_router(vllm_router)

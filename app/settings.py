@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     max_experiment_samples: int = Field(
         100_000, ge=1, description="samples per experiment: conditions x prompts x n"
     )
+    max_diffing_rows: int = Field(
+        100_000, ge=1, description="texts a diffing job may read (and samples it may keep)"
+    )
     experiment_chunk_size: int = Field(
         64, ge=1, description="experiment samples per engine job; interactive requests run between chunks"
     )

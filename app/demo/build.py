@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -129,6 +130,24 @@ def demo_prompts() -> list[str]:
         "Tell me about bread.",
         "Can you describe a bird?",
     ]
+
+
+def demo_texts(tokenizer: Any, count: int = 100, seed: int = 0, per_text: int = 4) -> list[str]:
+    """Texts from the training distribution for the diffing methods: `per_text` chats each, rendered
+    with the chat template as one document (no leading BOS: encoding adds it); the marker appears in
+    none of them, neither as a closer nor as a topic, so a method that finds it was not told.
+    """
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        chats: list[list[dict[str, str]]] = []
+        while len(chats) < per_text:
+            chat = _conversation(rng, marker_fraction=0.0)
+            if MARKER not in chat[-2]["content"]:  # the user turn: the marker's own topic stays out
+                chats.append(chat)
+        rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+        texts.append("".join(r.removeprefix(tokenizer.bos_token or "") for r in rendered))
+    return texts
 
 
 def _ascii_alphabet() -> list[str]:

@@ -1,0 +1,144 @@
+"""`/diffing/jobs`: the diffing toolkit's methods (logit-diff mining + KL) as background jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from lda.diffing.mine import mining_width
+from lda.experiments.prompts import resolve_prompts
+from weightdiff.jobs import ACTIVE, JobRecord, JobStore
+
+from app.api.background import start_job
+from app.api.deps import EngineDep, PairDep, SettingsDep
+from app.api.schemas import ERRORS, not_found
+from app.diffing_lens.jobs import RUN_DIR, TOKEN_STATS, ZIP, drive, public, read_result, tokenize
+from app.diffing_lens.schemas import LogitDiffRequest
+
+router = APIRouter()
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.diffing_jobs
+
+
+def _rows(req: LogitDiffRequest, settings: Any) -> list[Any]:
+    source = req.source()
+    given = [k for k, v in (("texts", req.texts), ("prompts_file", req.prompts_file), ("dataset", req.dataset)) if v]
+    if len(given) != 1:
+        raise ValueError(f"texts: give exactly one of texts, prompts_file, dataset (got {given or 'none'})")
+    if req.texts is not None and len(req.texts) > settings.max_diffing_rows:
+        raise ValueError(f"texts: {len(req.texts)} rows, the limit is {settings.max_diffing_rows} (MAX_DIFFING_ROWS)")
+    return resolve_prompts(
+        source, settings.config_root_paths, max_prompts=settings.max_diffing_rows, allow_hub=settings.allow_hub_datasets
+    )
+
+
+@router.post("/diffing/jobs", status_code=202, responses=ERRORS)
+async def submit(
+    req: LogitDiffRequest, request: Request, pair: PairDep, engine: EngineDep, settings: SettingsDep
+) -> Any:
+    """Start a diffing job on the pair; returns the job id at once (poll GET /diffing/jobs/{id})."""
+    if req.max_samples > settings.max_diffing_rows:
+        raise ValueError(f"max_samples must be <= {settings.max_diffing_rows} (MAX_DIFFING_ROWS), got {req.max_samples}")
+    width = mining_width(pair, req.drop_new_tokens)
+    if req.top_k > width:
+        raise ValueError(f"top_k must be <= {width} (the compared vocabulary), got {req.top_k}")
+    window = getattr(pair.after.model.config, "max_position_embeddings", None)
+    if isinstance(window, int) and req.max_tokens_per_sample > window:
+        raise ValueError(f"max_tokens_per_sample must be <= {window} (the context window), got {req.max_tokens_per_sample}")
+    rows = await asyncio.to_thread(_rows, req, settings)
+    samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, rows, req)
+    spec = req.model_dump(exclude={"texts", "prompts_file", "dataset"}) | {"rows": rows, "source": _source(req)}
+    app = request.app
+    return start_job(request, _store(request), spec, [], app.state.diffing_cancels,
+                     lambda record, cancel: drive(app, record, req, samples, cancel), settings.max_weightdiff_jobs,
+                     "diffing", "/diffing/jobs")  # fmt: skip
+
+
+def _source(req: LogitDiffRequest) -> dict[str, Any]:
+    if req.prompts_file is not None:
+        return {"prompts_file": req.prompts_file}
+    if req.dataset is not None:
+        return {"dataset": req.dataset.model_dump(exclude_none=True)}
+    return {"texts": len(req.texts or [])}
+
+
+def _record(request: Request, job_id: str) -> JobRecord:
+    record = _store(request).get(job_id)
+    if record is None:
+        raise FileNotFoundError(f"no diffing job {job_id!r}")
+    return record
+
+
+def _finished(request: Request, job_id: str) -> JobRecord:
+    record = _record(request, job_id)
+    if record.status != "done":
+        raise FileNotFoundError(f"diffing job {job_id!r} has no results (status {record.status})")
+    return record
+
+
+@router.get("/diffing/jobs")
+async def list_jobs(request: Request) -> Any:
+    return {"jobs": [public(r) for r in _store(request).list()]}
+
+
+@router.get("/diffing/jobs/{job_id}", responses=not_found("job"))
+async def job_status(job_id: str, request: Request) -> Any:
+    """Status and progress (batches); when done: orderings, the KL summary and the top examples."""
+    return public(_record(request, job_id))
+
+
+@router.get("/diffing/jobs/{job_id}/result", responses=not_found("finished job"))
+async def job_result(job_id: str, request: Request) -> Any:
+    """The whole result: every kept KL example and likelihood-ratio window."""
+    _finished(request, job_id)
+    return await asyncio.to_thread(read_result, _store(request).dir(job_id))
+
+
+@router.get("/diffing/jobs/{job_id}/token_stats", responses=not_found("finished job"))
+async def token_stats(job_id: str, request: Request) -> Response:
+    """The vocabulary arrays under the toolkit's names (`sum_logit_diff`, `count_positive`, ...)."""
+    _finished(request, job_id)
+    return FileResponse(_store(request).dir(job_id) / TOKEN_STATS, media_type="application/json")
+
+
+@router.get("/diffing/jobs/{job_id}/results.zip", responses=not_found("finished job"))
+async def results_zip(job_id: str, request: Request) -> Response:
+    """The toolkit's result layout (orderings, global token stats, plots) as a zip."""
+    _finished(request, job_id)
+    headers = {"Content-Disposition": f'attachment; filename="diffing-{job_id}.zip"'}
+    return FileResponse(_store(request).dir(job_id) / ZIP, media_type="application/zip", headers=headers)
+
+
+@router.get("/diffing/jobs/{job_id}/files/{path:path}", responses=not_found("file"))
+async def result_file(job_id: str, path: str, request: Request) -> Response:
+    """One file of the result layout (a plot, an ordering), e.g. `top_k_occurring/texts/global_bar.png`."""
+    _finished(request, job_id)
+    root = (_store(request).dir(job_id) / RUN_DIR).resolve()
+    target = (root / path).resolve()
+    if root not in target.parents or not target.is_file():
+        raise FileNotFoundError(f"no file {path!r} in diffing job {job_id!r}")
+    return FileResponse(target)
+
+
+@router.delete("/diffing/jobs/{job_id}", responses=not_found("job"))
+async def cancel_job(job_id: str, request: Request, purge: bool = False) -> Any:
+    """Cancel a queued or running job (it stops before its next batch); `purge=true` deletes a
+    finished one and its files."""
+    record = _record(request, job_id)
+    if purge:
+        if record.status in ACTIVE:
+            raise ValueError(f"purge: job {job_id!r} is {record.status}; cancel it first and wait until it has stopped")
+        try:
+            _store(request).remove(job_id)
+        except KeyError:
+            raise FileNotFoundError(f"no diffing job {job_id!r}") from None
+        return {"id": job_id, "status": record.status, "deleted": True}
+    cancel = request.app.state.diffing_cancels.get(job_id)
+    if record.status in ACTIVE and cancel is not None:
+        cancel.set()
+    return {"id": job_id, "status": record.status, "cancelling": record.status in ACTIVE}

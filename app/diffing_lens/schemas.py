@@ -1,0 +1,76 @@
+"""Bodies of `/diffing/jobs`: the diffing toolkit's methods as jobs on the pair.
+
+Defaults are the toolkit's (`diff_mining`: n 64, 8,192 samples, top-k 100; `kl`: temperature 1;
+`sequence_likelihood_ratio`: window 20, step 5); every one is a field, since what its users sweep
+is samples, positions and top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.experiments_lens.schemas import DatasetSource, Message
+
+
+class TextDataset(DatasetSource):
+    column: str = Field("text", min_length=1, description="a column of strings or chat message lists")
+
+
+class NmfBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_topics: int = Field(3, ge=1, le=50)
+    beta: float = Field(2.0, description="2 = Frobenius, 1 = KL divergence (torchnmf's beta)")
+    max_iter: int = Field(200, ge=1, le=5000)
+    seed: int = Field(42, ge=0, le=2**62, description="NMF's random initialisation")
+    mode: Literal["logit_diff_magnitude", "binary_occurrence"] = "logit_diff_magnitude"
+
+
+class LogitDiffRequest(BaseModel):
+    """Logit-diff mining, KL and windowed log-likelihood ratios in one teacher-forced pass."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: Literal["logit_diff"] = Field(description="`logit_diff`: the toolkit's diff_mining + kl")
+    name: str = Field("logit_diff", min_length=1, max_length=200)
+    dataset_name: str = Field(
+        "texts", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
+        description="the dataset's name in the toolkit's file layout (`{dataset_name}_global_token_stats.json`)",
+    )  # fmt: skip
+    texts: list[str | list[Message]] | None = Field(
+        None, min_length=1, description="texts, or [user, assistant] chat message lists"
+    )
+    prompts_file: str | None = Field(
+        None, min_length=1, description=".jsonl (prompt or messages) / .csv / .txt under DATA_DIR or CONFIG_ROOTS"
+    )
+    dataset: TextDataset | None = None
+    max_samples: int = Field(8192, ge=1, description="samples kept at most (after dropping short ones)")
+    max_tokens_per_sample: int = Field(
+        64, ge=2, le=4096, description="n: exactly the first n tokens of a text (shorter texts are dropped)"
+    )
+    pre_assistant_k: int = Field(3, ge=0, le=64, description="chat rows: template positions before the answer")
+    top_k: int = Field(100, ge=1, description="top-k positive and negative tokens counted per position")
+    num_tokens: int | None = Field(
+        None, ge=1, le=5000, description="tokens per ordering; default max(100, top_k), as the toolkit"
+    )
+    batch_size: int = Field(16, ge=1, le=512, description="samples per forward (and per engine step)")
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="KL's temperature")
+    kl_reverse: bool = Field(False, description="also KL(before ‖ after)")
+    examples: int = Field(100, ge=1, le=1000, description="highest-KL samples kept, by max and by mean")
+    llr_window: int = Field(20, ge=1, le=4096, description="sequence likelihood ratio window (tokens)")
+    llr_step: int = Field(5, ge=1, le=4096)
+    llr_top: int = Field(100, ge=0, le=10000, description="highest-ratio windows kept")
+    nmf: NmfBody | None = Field(None, description="NMF topics over the top-k positive occurrences (off if null)")
+    drop_new_tokens: bool = Field(
+        True, description="unequal vocabularies: compare the shared ids (else such a pair is refused)"
+    )
+
+    def source(self) -> dict[str, Any]:
+        """`texts` / `prompts_file` / `dataset` as plain JSON for `resolve_prompts`."""
+        texts = None
+        if self.texts is not None:
+            texts = [t if isinstance(t, str) else [m.model_dump() for m in t] for t in self.texts]
+        dataset = self.dataset.model_dump(exclude_none=True) if self.dataset is not None else None
+        return {"prompts": texts, "prompts_file": self.prompts_file, "dataset": dataset}
