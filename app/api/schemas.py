@@ -75,3 +75,19 @@ STREAMING: dict[int | str, dict[str, Any]] = {
     },
     **ERRORS,
 }
+
+
+class SteerBody(BaseModel):
+    """A steering vector from a finished ADL job: δ at (layer, position), scaled to the after
+    model's mean norm at that layer, times `strength`, added to the block's output at every
+    position and step of the after model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adl: str = Field(min_length=1, description="a finished `/diffing/jobs` ADL job's id")
+    layer: int | float = Field(description="one of the job's layers: a block, or a fraction in [0, 1]")
+    position: int = Field(description="a position label the job analysed (0..n-1; chats -k..n-1)")
+    strength: FiniteFloat = Field(1.0, ge=-1000.0, le=1000.0, description="times the normalised vector")
+    random_seed: int | None = Field(
+        None, ge=0, le=2**62, description="a control: a random direction of the same norm, seeded"
+    )

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from lda.diffing import mine
-from lda.diffing.inputs import Sample, tokenize_chats, tokenize_texts
+from lda.diffing.adl import ADLConfig, ADLPass
+from lda.diffing.adl_files import write_adl
+from lda.diffing.inputs import Sample, chat_positions, resolve_layer, tokenize_chats, tokenize_texts
 from weightdiff.jobs import JobRecord, JobStore, write_json_atomic
 
-from app.diffing_lens.schemas import LogitDiffRequest
+from app.diffing_lens.schemas import ADLRequest, LogitDiffRequest
 from app.weightdiff_lens.jobs import _on_engine
 
 log = logging.getLogger(__name__)
@@ -27,10 +29,14 @@ ZIP = "results.zip"
 RUN_DIR = "run"
 # What GET /diffing/jobs/{id} shows of the lists a result keeps (the rest: GET .../result).
 SHOWN = 10
+Request = LogitDiffRequest | ADLRequest
 
 
-def tokenize(tokenizer: Any, rows: Sequence[Any], req: LogitDiffRequest) -> list[Sample]:
-    """Samples as the toolkit builds them; rows are all texts or all chat message lists (422 else)."""
+def tokenize(tokenizer: Any, rows: Sequence[Any], req: Request) -> list[Sample]:
+    """Samples as the toolkit builds them; rows are all texts or all chat message lists (422 else).
+
+    Mining analyses the first n of a chat's positions -k..n-1 (the toolkit slices its diff so);
+    ADL all of them."""
     kinds = {isinstance(r, str) for r in rows}
     if len(kinds) > 1:
         raise ValueError("texts: mix of texts and chat message lists; give one kind per job")
@@ -39,57 +45,104 @@ def tokenize(tokenizer: Any, rows: Sequence[Any], req: LogitDiffRequest) -> list
         samples = tokenize_texts(tokenizer, rows, n, cap)
         shape = f"{n} tokens (max_tokens_per_sample)"
     else:
-        samples = tokenize_chats(tokenizer, rows, n, cap, req.pre_assistant_k, positions=n)
+        cut = n if isinstance(req, LogitDiffRequest) else None
+        samples = tokenize_chats(tokenizer, rows, n, cap, req.pre_assistant_k, positions=cut)
         shape = f"a [user, assistant] start and an answer of {n} tokens (max_tokens_per_sample)"
     if not samples:
         raise ValueError(f"texts: none of the {len(rows)} rows has {shape}")
     return samples
 
 
+def labels(req: ADLRequest, samples: Sequence[Sample]) -> tuple[int, ...]:
+    """Position labels: 0..n-1 for texts, -k..n-1 around the assistant start for chats."""
+    n = req.max_tokens_per_sample
+    chat = len(samples[0].positions) != n or samples[0].positions[0] != 0
+    return chat_positions(0, n, req.pre_assistant_k) if chat else tuple(range(n))
+
+
+def adl_layers(req: ADLRequest, model: Any) -> tuple[int, ...]:
+    num = model.config.num_hidden_layers
+    layers = [resolve_layer(x, num, f"layers[{i}]") for i, x in enumerate(req.layers)]
+    return tuple(dict.fromkeys(layers))
+
+
+def make_pass(req: Request, pair: Any, samples: Sequence[Sample], work: Path) -> Any:
+    if isinstance(req, LogitDiffRequest):
+        return mine.LogitDiffPass(pair, mine_config(req), work, mine.mining_width(pair, req.drop_new_tokens))
+    config = ADLConfig(
+        layers=adl_layers(req, pair.after.model),
+        labels=labels(req, samples),
+        lens_k=req.lens_k,
+        patchscope_labels=tuple(req.patchscope_positions),
+        intersection_top_k=req.intersection_top_k,
+        tokens_k=req.tokens_k,
+    )
+    return ADLPass(pair, config, mine.mining_width(pair))
+
+
 def public(record: JobRecord) -> dict[str, Any]:
-    """The record as GET shows it: the spec without its rows, the result's lists cut short."""
+    """The record as GET shows it: the spec without its rows, the result's long lists cut short."""
     body = record.public()
     spec = record.spec
     body["spec"] = {k: v for k, v in spec.items() if k != "rows"} | {"num_rows": len(spec.get("rows") or [])}
     for key in ("task_names", "outputs", "losses", "registered"):
         body.pop(key, None)
-    result = dict(record.result)
-    for key in ("kl_examples_by_max", "kl_examples_by_mean", "llr_windows"):
-        if key in result:
-            result[key] = result[key][:SHOWN]
-    body["result"] = result
-    links = {"token_stats": "token_stats", "zip": ZIP, "result": "result"}
+    body["result"] = _shortened(record.result)
     done = record.status == "done"
+    links = {"zip": ZIP, "result": "result"}
+    if spec.get("method") == "logit_diff":
+        links["token_stats"] = "token_stats"
+    else:
+        links["vectors"] = "vectors"
     body["links"] = {k: f"/diffing/jobs/{record.id}/{v}" for k, v in links.items()} if done else {}
     return body
 
 
-async def drive(app: Any, record: JobRecord, req: LogitDiffRequest, samples: list[Sample], cancel: threading.Event) -> None:
+def _shortened(result: dict[str, Any]) -> dict[str, Any]:
+    out = dict(result)
+    for key in ("kl_examples_by_max", "kl_examples_by_mean", "llr_windows"):
+        if key in out:
+            out[key] = out[key][:SHOWN]
+    if "layers" in out:  # ADL: the lens's top tokens and every scale are in GET .../result
+        out["layers"] = [
+            layer | {"positions": [_short_position(p) for p in layer["positions"]]} for layer in out["layers"]
+        ]
+    return out
+
+
+def _short_position(entry: dict[str, Any]) -> dict[str, Any]:
+    lens = {name: {sign: toks[:SHOWN] for sign, toks in signs.items()} for name, signs in entry["logit_lens"].items()}
+    return {k: v for k, v in entry.items() if k != "patchscope"} | {"logit_lens": lens}
+
+
+async def drive(app: Any, record: JobRecord, req: Request, samples: list[Sample], cancel: threading.Event) -> None:
     """Start, reduce batch by batch, finish; every state change is written to disk."""
     store: JobStore = app.state.diffing_jobs
     engine, pair = app.state.engine, app.state.pair
     folder = store.dir(record.id)
     batches = [samples[i : i + req.batch_size] for i in range(0, len(samples), req.batch_size)]
-    miner: mine.LogitDiffPass | None = None
+    state: Any = None
 
     def start(job: Any) -> None:
-        nonlocal miner
-        miner = mine.LogitDiffPass(pair, mine_config(req), folder / "work")
+        nonlocal state
+        state = make_pass(req, pair, samples, folder / "work")
         record.status, record.started, record.total_steps = "running", time.time(), len(batches)
         store.save(record)
 
     def step(job: Any) -> None:
-        assert miner is not None
         began = time.perf_counter()
-        miner.add(batches[record.step])
+        state.add(batches[record.step])
         record.step += 1
         record.train_seconds += time.perf_counter() - began
         store.save(record)
 
     def finish(job: Any) -> None:
-        assert miner is not None
-        result = miner.finish(folder / RUN_DIR, req.dataset_name, metadata(record, req, pair))
-        write_json_atomic(folder / TOKEN_STATS, miner.token_stats().to_json())
+        meta = metadata(record, req, pair)
+        if isinstance(state, ADLPass):
+            result = write_adl(state, folder / RUN_DIR, req.dataset_name, meta)
+        else:
+            result = state.finish(folder / RUN_DIR, req.dataset_name, meta)
+            write_json_atomic(folder / TOKEN_STATS, state.token_stats().to_json())
         write_json_atomic(folder / RESULT, result)
         mine.zip_dir(folder / RUN_DIR, folder / ZIP)
         record.result = result
@@ -129,20 +182,20 @@ def mine_config(req: LogitDiffRequest) -> mine.PassConfig:
     )
 
 
-def metadata(record: JobRecord, req: LogitDiffRequest, pair: Any) -> dict[str, Any]:
+def metadata(record: JobRecord, req: Request, pair: Any) -> dict[str, Any]:
     """`run_metadata.json`: what produced the files (the toolkit's dashboard shows it)."""
-    return {
+    common = {
         "job_id": record.id,
-        "method": "diff_mining",
         "base_model": pair.before.model_id,
         "finetuned_model": pair.after.model_id,
-        "logit_extraction": "logits",
         "max_samples": req.max_samples,
         "max_tokens_per_sample": req.max_tokens_per_sample,
-        "top_k": req.top_k,
         "batch_size": req.batch_size,
         "datasets": [req.dataset_name],
     }
+    if isinstance(req, ADLRequest):
+        return common | {"method": "activation_difference_lens", "layers": list(adl_layers(req, pair.after.model))}
+    return common | {"method": "diff_mining", "logit_extraction": "logits", "top_k": req.top_k}
 
 
 def read_result(folder: Path) -> dict[str, Any]:

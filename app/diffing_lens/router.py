@@ -8,6 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
+from lda.diffing.adl import VECTORS
+from lda.diffing.adl_files import load_vectors, steering_vector
+from lda.diffing.inputs import resolve_layer
 from lda.diffing.mine import mining_width
 from lda.experiments.prompts import resolve_prompts
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
@@ -15,8 +18,8 @@ from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 from app.api.background import start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
 from app.api.schemas import ERRORS, not_found
-from app.diffing_lens.jobs import RUN_DIR, TOKEN_STATS, ZIP, drive, public, read_result, tokenize
-from app.diffing_lens.schemas import LogitDiffRequest
+from app.diffing_lens.jobs import RUN_DIR, TOKEN_STATS, ZIP, adl_layers, drive, public, read_result, tokenize
+from app.diffing_lens.schemas import DiffingRequest, LogitDiffRequest
 
 router = APIRouter()
 
@@ -25,7 +28,7 @@ def _store(request: Request) -> JobStore:
     return request.app.state.diffing_jobs
 
 
-def _rows(req: LogitDiffRequest, settings: Any) -> list[Any]:
+def _rows(req: Any, settings: Any) -> list[Any]:
     source = req.source()
     given = [k for k, v in (("texts", req.texts), ("prompts_file", req.prompts_file), ("dataset", req.dataset)) if v]
     if len(given) != 1:
@@ -39,14 +42,18 @@ def _rows(req: LogitDiffRequest, settings: Any) -> list[Any]:
 
 @router.post("/diffing/jobs", status_code=202, responses=ERRORS)
 async def submit(
-    req: LogitDiffRequest, request: Request, pair: PairDep, engine: EngineDep, settings: SettingsDep
+    req: DiffingRequest, request: Request, pair: PairDep, engine: EngineDep, settings: SettingsDep
 ) -> Any:
     """Start a diffing job on the pair; returns the job id at once (poll GET /diffing/jobs/{id})."""
     if req.max_samples > settings.max_diffing_rows:
         raise ValueError(f"max_samples must be <= {settings.max_diffing_rows} (MAX_DIFFING_ROWS), got {req.max_samples}")
-    width = mining_width(pair, req.drop_new_tokens)
-    if req.top_k > width:
-        raise ValueError(f"top_k must be <= {width} (the compared vocabulary), got {req.top_k}")
+    if isinstance(req, LogitDiffRequest):
+        width = mining_width(pair, req.drop_new_tokens)
+        if req.top_k > width:
+            raise ValueError(f"top_k must be <= {width} (the compared vocabulary), got {req.top_k}")
+    else:
+        mining_width(pair)  # the lens reads the after model's vocabulary: the pair's must agree
+        adl_layers(req, pair.after.model)  # a layer out of range is a 422 naming it
     window = getattr(pair.after.model.config, "max_position_embeddings", None)
     if isinstance(window, int) and req.max_tokens_per_sample > window:
         raise ValueError(f"max_tokens_per_sample must be <= {window} (the context window), got {req.max_tokens_per_sample}")
@@ -59,7 +66,7 @@ async def submit(
                      "diffing", "/diffing/jobs")  # fmt: skip
 
 
-def _source(req: LogitDiffRequest) -> dict[str, Any]:
+def _source(req: Any) -> dict[str, Any]:
     if req.prompts_file is not None:
         return {"prompts_file": req.prompts_file}
     if req.dataset is not None:
@@ -102,8 +109,38 @@ async def job_result(job_id: str, request: Request) -> Any:
 @router.get("/diffing/jobs/{job_id}/token_stats", responses=not_found("finished job"))
 async def token_stats(job_id: str, request: Request) -> Response:
     """The vocabulary arrays under the toolkit's names (`sum_logit_diff`, `count_positive`, ...)."""
-    _finished(request, job_id)
+    record = _finished(request, job_id)
+    if record.spec.get("method") != "logit_diff":
+        raise FileNotFoundError(f"diffing job {job_id!r} is not a logit_diff job: it has no token_stats")
     return FileResponse(_store(request).dir(job_id) / TOKEN_STATS, media_type="application/json")
+
+
+@router.get("/diffing/jobs/{job_id}/vectors", responses=not_found("finished ADL job, layer or position"))
+async def vectors(job_id: str, request: Request, layer: str, position: int) -> Any:
+    """ADL's vectors at (layer, position): `delta`, `mean_before`, `mean_after` (lists of d floats)
+    and the layer's mean norms `norm_before`, `norm_after`. `layer`: a block, or a fraction."""
+    record = _finished(request, job_id)
+    if record.spec.get("method") != "adl":
+        raise FileNotFoundError(f"diffing job {job_id!r} is not an ADL job: it has no vectors")
+    try:
+        value: int | float = int(layer)
+    except ValueError:
+        try:
+            value = float(layer)
+        except ValueError:
+            raise ValueError(f"layer: must be an integer block or a fraction in [0, 1], got {layer!r}") from None
+    model = request.app.state.pair.after.model
+    block = resolve_layer(value, model.config.num_hidden_layers)
+    tensors = await asyncio.to_thread(load_vectors, _store(request).dir(job_id) / RUN_DIR)
+    body: dict[str, Any] = {"layer": block, "position": position}
+    try:
+        for name in VECTORS:
+            vector, norm_after = steering_vector(tensors, block, position, name)
+            body[name] = vector.tolist()
+    except KeyError as missing:
+        raise FileNotFoundError(f"diffing job {job_id!r} has no {missing.args[0]} {block if missing.args[0] == 'layer' else position}") from None
+    norms = tensors[f"layer_{block}.norms"].tolist()
+    return body | {"norm_before": norms[0], "norm_after": norms[1]}
 
 
 @router.get("/diffing/jobs/{job_id}/results.zip", responses=not_found("finished job"))

@@ -7,7 +7,7 @@ is samples, positions and top-k.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,13 +28,12 @@ class NmfBody(BaseModel):
     mode: Literal["logit_diff_magnitude", "binary_occurrence"] = "logit_diff_magnitude"
 
 
-class LogitDiffRequest(BaseModel):
-    """Logit-diff mining, KL and windowed log-likelihood ratios in one teacher-forced pass."""
+class JobInputs(BaseModel):
+    """What both methods read: texts or chat rows, tokenized as the toolkit does."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["logit_diff"] = Field(description="`logit_diff`: the toolkit's diff_mining + kl")
-    name: str = Field("logit_diff", min_length=1, max_length=200)
+    name: str = Field("diffing", min_length=1, max_length=200)
     dataset_name: str = Field(
         "texts", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
         description="the dataset's name in the toolkit's file layout (`{dataset_name}_global_token_stats.json`)",
@@ -46,11 +45,25 @@ class LogitDiffRequest(BaseModel):
         None, min_length=1, description=".jsonl (prompt or messages) / .csv / .txt under DATA_DIR or CONFIG_ROOTS"
     )
     dataset: TextDataset | None = None
+    pre_assistant_k: int = Field(3, ge=0, le=64, description="chat rows: template positions before the answer")
+
+    def source(self) -> dict[str, Any]:
+        """`texts` / `prompts_file` / `dataset` as plain JSON for `resolve_prompts`."""
+        texts = None
+        if self.texts is not None:
+            texts = [t if isinstance(t, str) else [m.model_dump() for m in t] for t in self.texts]
+        dataset = self.dataset.model_dump(exclude_none=True) if self.dataset is not None else None
+        return {"prompts": texts, "prompts_file": self.prompts_file, "dataset": dataset}
+
+
+class LogitDiffRequest(JobInputs):
+    """Logit-diff mining, KL and windowed log-likelihood ratios in one teacher-forced pass."""
+
+    method: Literal["logit_diff"] = Field(description="`logit_diff`: the toolkit's diff_mining + kl")
     max_samples: int = Field(8192, ge=1, description="samples kept at most (after dropping short ones)")
     max_tokens_per_sample: int = Field(
         64, ge=2, le=4096, description="n: exactly the first n tokens of a text (shorter texts are dropped)"
     )
-    pre_assistant_k: int = Field(3, ge=0, le=64, description="chat rows: template positions before the answer")
     top_k: int = Field(100, ge=1, description="top-k positive and negative tokens counted per position")
     num_tokens: int | None = Field(
         None, ge=1, le=5000, description="tokens per ordering; default max(100, top_k), as the toolkit"
@@ -67,10 +80,25 @@ class LogitDiffRequest(BaseModel):
         True, description="unequal vocabularies: compare the shared ids (else such a pair is refused)"
     )
 
-    def source(self) -> dict[str, Any]:
-        """`texts` / `prompts_file` / `dataset` as plain JSON for `resolve_prompts`."""
-        texts = None
-        if self.texts is not None:
-            texts = [t if isinstance(t, str) else [m.model_dump() for m in t] for t in self.texts]
-        dataset = self.dataset.model_dump(exclude_none=True) if self.dataset is not None else None
-        return {"prompts": texts, "prompts_file": self.prompts_file, "dataset": dataset}
+
+Layer = Annotated[int | float, Field(description="an int: that block; a float in [0, 1]: int(x * (layers - 1))")]
+
+
+class ADLRequest(JobInputs):
+    """The activation difference lens: per-position mean differences at a layer, read by the
+    logit lens and the patchscope; its vectors steer generation."""
+
+    method: Literal["adl"] = Field(description="`adl`: the toolkit's activation_difference_lens")
+    max_samples: int = Field(10000, ge=1, description="samples kept at most (after dropping short ones)")
+    max_tokens_per_sample: int = Field(128, ge=1, le=4096, description="n: positions 0..n-1 (chats: -k..n-1)")
+    layers: list[Layer] = Field([0.5], min_length=1, max_length=64, description="blocks whose output is read")
+    batch_size: int = Field(32, ge=1, le=512, description="samples per forward (and per engine step)")
+    lens_k: int = Field(100, ge=1, le=5000, description="logit-lens tokens kept per vector and sign")
+    patchscope_positions: list[int] = Field(
+        [0, 1, 2, 3, 4, 5], max_length=256, description="position labels the patchscope reads (empty: none)"
+    )
+    intersection_top_k: int = Field(16384, ge=1, description="a token must be in every identity prompt's top-k")
+    tokens_k: int = Field(20, ge=1, le=1000, description="patchscope tokens kept per scale")
+
+
+DiffingRequest = Annotated[LogitDiffRequest | ADLRequest, Field(discriminator="method")]

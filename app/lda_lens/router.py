@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from app.api.deps import PairDep, SettingsDep, check_limits, get_amplifier, obse
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, STREAMING
 from app.api.streaming import run_job, stream_response
+from app.diffing_lens.steering import resolve_steer, steer_decoder
 from app.lda_lens.jobs import generate_job, lda_batch_job, lda_job
 from app.lda_lens.schemas import (
     GenerateRequest,
@@ -35,7 +37,14 @@ async def generate_lda(req: LDARequest, request: Request, pair: PairDep, setting
     rows = len(req.prompt_list) * len(req.alpha_list) * req.n
     check_limits(settings, req, rows)
     make_decoder = None
-    if req.adapter is not None or req.amplification is not None:
+    if req.steer is not None:
+        if req.adapter is not None or req.amplification is not None:
+            raise ValueError("steer: give `steer` or `adapter`/`amplification`, not both")
+        if not pair.compatibility.compatible:
+            raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
+        steering = await asyncio.to_thread(resolve_steer, request.app, req.steer)
+        make_decoder = steer_decoder(pair, steering)
+    elif req.adapter is not None or req.amplification is not None:
         if req.adapter is not None and req.amplification is not None:
             raise ValueError("give `adapter` or `amplification`, not both")
         make_decoder = adapter_decoder(get_amplifier(request), req)

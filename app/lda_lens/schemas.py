@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, model_validator
 
-from app.api.schemas import Prompt, PromptFields, SamplingFields
+from app.api.schemas import Prompt, PromptFields, SamplingFields, SteerBody
 
 # |alpha| beyond this overflows nothing in fp32 but is far past any useful amplification; bounding
 # it keeps `after + alpha * (after - before)` finite for any logits a model produces.
@@ -27,6 +27,9 @@ class LDARequest(PromptFields):
     )
     amplification: dict | str | None = Field(
         None, description="adapter mode with an amplification config (body or compiled lora_name)"
+    )
+    steer: SteerBody | None = Field(
+        None, description="steer the after model with an ADL job's vector (alpha 0: the steered after alone)"
     )
 
     @model_validator(mode="after")

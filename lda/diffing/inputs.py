@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 # The toolkit skips chat rows whose user turn alone is longer than this (in tokens).
 MAX_USER_TOKENS = 512
 
@@ -105,3 +107,14 @@ def resolve_layer(layer: int | float, num_layers: int, where: str = "layer") -> 
             raise ValueError(f"{where}: a relative layer must be in [0, 1], got {layer}")
         return int(layer * (num_layers - 1))
     raise ValueError(f"{where}: must be an integer block or a fraction in [0, 1], got {layer!r}")
+
+
+def analysed(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, width] of each sample's analysed positions, valid [B, width]): rows analysing
+    fewer positions are padded with index 0, marked invalid."""
+    index = torch.zeros(len(samples), width, dtype=torch.long)
+    valid = torch.zeros(len(samples), width, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        index[row, : len(sample.positions)] = torch.tensor(sample.positions)
+        valid[row, : len(sample.positions)] = True
+    return index, valid

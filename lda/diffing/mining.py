@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lda.diffing.inputs import Sample
+from lda.diffing.inputs import Sample, analysed
 from lda.diffing.klstats import KLRecorder
 from lda.diffing.stats import TokenStats
 
@@ -47,12 +47,7 @@ def gather_positions(
     samples: Sequence[Sample], after_logits: torch.Tensor, before_logits: torch.Tensor
 ) -> PositionBatch:
     """Logits at each sample's analysed positions ([B, L, V] -> [B, P, V], P the longest list)."""
-    width = max(len(s.positions) for s in samples)
-    index = torch.zeros(len(samples), width, dtype=torch.long)
-    valid = torch.zeros(len(samples), width, dtype=torch.bool)
-    for row, sample in enumerate(samples):
-        index[row, : len(sample.positions)] = torch.tensor(sample.positions)
-        valid[row, : len(sample.positions)] = True
+    index, valid = analysed(samples, max(len(s.positions) for s in samples))
     index, valid = index.to(after_logits.device), valid.to(after_logits.device)
     take = index.unsqueeze(-1).expand(-1, -1, after_logits.shape[-1])
     return PositionBatch(after_logits.gather(1, take), before_logits.gather(1, take), valid)
