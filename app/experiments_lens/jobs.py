@@ -16,6 +16,7 @@ sample i reproduces alone through `/generate_lda` with `seed` = its seed:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from app.amplification_lens.jobs import adapter_target, text_side
 from app.api.chunking import plan_chunks
 from app.api.generation import BatchTarget, Usage, in_batches, sampling_params
 from app.api.schemas import SamplingFields
+from app.diffing_lens.steering import Steering, resolve_steer, steer_target
 from app.engine import Job, QueueFullError
 from app.experiments_lens.pins import check_pin, compiled_hash
 from app.lda_lens.jobs import pair_target
@@ -59,10 +61,25 @@ class Lens:
     pin: str | None = None  # None: the pair's own models, fixed for the server's life
 
 
+# Resolves a condition's steering reference into a vector (`app.diffing_lens.steering`).
+Steerer = Callable[[Any, str], Steering]
+
+
 def lens_for(
-    pair: LDAModelPair, amp: Amplifier | None, condition: Condition, where: str = "condition"
+    pair: LDAModelPair,
+    amp: Amplifier | None,
+    condition: Condition,
+    where: str = "condition",
+    steerer: Steerer | None = None,
 ) -> Lens:
-    """The decoder of one condition; raises ValueError naming `where` for an unknown adapter or config."""
+    """The decoder of one condition; raises ValueError naming `where` for an unknown adapter, config
+    or steering job."""
+    if condition.steer is not None:
+        if steerer is None:
+            raise ValueError(f"{where}.steer: steering is not set up")
+        steering = steerer(condition.steer, f"{where}.steer")
+        pin = hashlib.sha256(steering.vector.numpy().tobytes()).hexdigest()
+        return Lens(pair.after, steer_target(pair, steering), (pair.after.model, pair.before.model), pin)
     if condition.control:
         # The before model alone, formatted and detokenized as the after model's rows are.
         before, width, tok = pair.before.model, pair.compatibility.shared_width, pair.after.tokenizer
@@ -81,7 +98,9 @@ def lens_for(
 
 
 def changed_what(condition: Condition) -> str:
-    """What a pin mismatch names: the adapter, or the amplification config."""
+    """What a pin mismatch names: the adapter, the amplification config, or the steering job."""
+    if condition.steer is not None:
+        return f"steering vector of ADL job {condition.steer.get('adl')!r}"
     if condition.adapter is not None:
         return f"adapter {condition.adapter!r}"
     amplification = condition.amplification
@@ -141,6 +160,7 @@ def chunk_generate(
     max_batch_tokens: int,
     cancel_requested: Callable[[], bool],
     context: ChunkContext | None = None,
+    steerer: Steerer | None = None,
 ) -> Callable[[list[tuple[Any, Condition, int]]], Generator[Any, Any, list[tuple[str, str]]]]:
     """The `generate` callback of one chunk: each condition group's rows join the engine's running
     batch of its lens (beside interactive requests; with `context.isolated`, a batch of their own),
@@ -153,7 +173,7 @@ def chunk_generate(
         found = []
         for group in _groups(rows):
             condition = rows[group.start][1]
-            lens = lens_for(pair, amp, condition)
+            lens = lens_for(pair, amp, condition, steerer=steerer)
             if context is not None:
                 pinned = context.pins.get(condition.label)
                 check_pin(condition.label, changed_what(condition), pinned, lens.pin, context.exp_id)
@@ -186,14 +206,14 @@ def chunk_generate(
 
 
 def check_spec(
-    pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields
+    pair: LDAModelPair, amp: Amplifier | None, spec: Any, fields: SamplingFields, steerer: Steerer | None = None
 ) -> dict[str, str]:
     """At submit, on the engine: every adapter and config resolves, every prompt fits the context.
     Returns the pins: condition label -> content hash of its adapters and config."""
     checked: set[tuple[int, ...]] = set()
     pins: dict[str, str] = {}
     for i, condition in enumerate(spec.conditions):
-        lens = lens_for(pair, amp, condition, f"conditions[{i}]")
+        lens = lens_for(pair, amp, condition, f"conditions[{i}]", steerer)
         if lens.pin is not None:
             pins[condition.label] = lens.pin
         key = (id(lens.side), *map(id, lens.models))  # conditions decoding alike need one check
@@ -286,6 +306,7 @@ class Runner:
                     settings.max_batch_tokens,
                     lambda: self.store.require(exp_id).cancel_requested,
                     context,
+                    lambda body, where: resolve_steer(self.app, body, where),
                 )
                 return step_steps(self.store, exp_id, generate)  # a generator job: rows join the batch
 

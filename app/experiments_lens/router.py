@@ -26,6 +26,7 @@ from lda.experiments import (
 from app.api.deps import EngineDep, PairDep, SettingsDep, check_limits
 from app.api.generation import base_seed
 from app.api.schemas import ERRORS, not_found
+from app.diffing_lens.steering import resolve_steer
 from app.experiments_lens.jobs import Runner, check_spec
 from app.experiments_lens.schemas import ExperimentRequest
 
@@ -82,7 +83,8 @@ async def submit(
     if lda_conditions and not pair.compatibility.compatible:
         raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
     amp = request.app.state.amplifier
-    pins = await engine.run(lambda job: check_spec(pair, amp, spec, req))
+    steerer = lambda body, where: resolve_steer(request.app, body, where)  # noqa: E731
+    pins = await engine.run(lambda job: check_spec(pair, amp, spec, req, steerer))
     record = _store(request).create(spec, pins)
     _runner(request).start(record.id)
     return {"id": record.id, "status": record.status}

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import Prompt, SamplingFields
+from app.api.schemas import FiniteFloat, Prompt, SamplingFields, SteerBody
 from app.lda_lens.schemas import Alpha
 
 # What the spec keeps of the sampling fields (the seed is the spec's own field).
@@ -31,6 +31,8 @@ class ConditionBody(BaseModel):
     amplification: dict[str, Any] | str | None = Field(
         None, description="adapter-mode LDA with an amplification config (body or compiled lora_name)"
     )
+    steer: SteerBody | None = Field(None, description="the after model steered by an ADL job's vector")
+    strength: FiniteFloat | None = Field(None, description="the steering strength (overrides steer.strength)")
 
 
 class DatasetSource(BaseModel):

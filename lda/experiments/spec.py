@@ -58,12 +58,15 @@ class Condition:
             after model for this condition.
         control: the null control: decode before vs before, so alpha cannot change anything and
             any rate difference across alphas is noise (see `stats.control_flag`).
+        steer: a steering reference `{adl, layer, position, strength, random_seed?}`: the after
+            model decodes with an ADL job's vector added (the server resolves it).
     """
 
     alpha: float
     adapter: str | None = None
     amplification: str | Mapping[str, Any] | None = None
     control: bool = False
+    steer: Mapping[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -74,6 +77,11 @@ class Condition:
             parts.append(f"amp={self.amplification}")
         elif self.amplification is not None:
             parts.append(f"amp={self.amplification.get('name', 'inline')}")
+        if self.steer is not None:
+            s = self.steer
+            random = f" random={s['random_seed']}" if s.get("random_seed") is not None else ""
+            parts.append(f"steer={s.get('adl')}@{s.get('layer')}:{s.get('position')}{random}")
+            parts.append(f"strength={_alpha_text(float(s.get('strength', 1.0)))}")
         parts.append(f"alpha={_alpha_text(self.alpha)}")
         return " ".join(parts)
 
@@ -86,6 +94,7 @@ class Condition:
             "adapter": self.adapter,
             "amplification": amplification,
             "control": self.control,
+            "steer": dict(self.steer) if self.steer is not None else None,
         }
 
 
@@ -239,10 +248,11 @@ def parse_prompt(value: Any, where: str) -> Prompt:
 
 
 def parse_condition(value: Any, where: str) -> Condition:
-    """A bare number (an alpha) or `{alpha, adapter?, amplification?, control?}`."""
+    """A bare number (an alpha) or `{alpha, adapter?, amplification?, control?, steer?, strength?}`
+    (`strength` beside `steer` sets the steering strength, so a sweep varies one number)."""
     if not isinstance(value, Mapping):
         value = {"alpha": value}
-    unknown = sorted(set(value) - {"alpha", "adapter", "amplification", "control"})
+    unknown = sorted(set(value) - {"alpha", "adapter", "amplification", "control", "steer", "strength"})
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown field")
     alpha = value.get("alpha", 1.0)
@@ -267,7 +277,26 @@ def parse_condition(value: Any, where: str) -> Condition:
         raise ValueError(
             f"{where}.control: a null control (before vs before) takes no adapter or amplification"
         )
-    return Condition(float(alpha), adapter, amplification, control)
+    steer = _parse_steer(value, where)
+    if steer is not None and (control or adapter is not None or amplification is not None):
+        raise ValueError(f"{where}.steer: a steered condition takes no adapter, amplification or control")
+    return Condition(float(alpha), adapter, amplification, control, steer)
+
+
+def _parse_steer(value: Mapping[str, Any], where: str) -> Mapping[str, Any] | None:
+    steer, strength = value.get("steer"), value.get("strength")
+    if steer is None:
+        if strength is not None:
+            raise ValueError(f"{where}.strength: a strength needs a `steer` reference")
+        return None
+    if not isinstance(steer, Mapping):
+        raise ValueError(f"{where}.steer: must be an object {{adl, layer, position, strength?}}, got {steer!r:.80}")
+    steer = dict(steer)
+    if strength is not None:
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise ValueError(f"{where}.strength: must be a finite number, got {strength!r}")
+        steer["strength"] = float(strength)
+    return steer
 
 
 def parse_detector(value: Any, where: str) -> DetectorSpec:

@@ -214,7 +214,7 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per condition x detector, in spec order.
 
-    Each row: condition, condition_index, alpha, control, plain, detector, hits, total, rate, ci95 [lo, hi],
+    Each row: condition, condition_index, alpha, control, plain, strength (steered conditions), detector, hits, total, rate, ci95 [lo, hi],
     and ratio / ratio_ci95 against the first condition for the same detector (`rate_ratio`; None
     for the first condition itself and while either side has no samples yet). JSON has no
     Infinity, so an unbounded upper end is None (null), and so is a ratio that is infinite (no
@@ -233,10 +233,12 @@ def summarize(
                 "condition_index": ci,
                 "alpha": condition.alpha,
                 "control": condition.control,
-                # plain LDA: no adapter, no amplification, not a control (what extrapolation fits)
+                # plain LDA: no adapter, amplification or steering, not a control (what extrapolation fits)
                 "plain": not condition.control
                 and condition.adapter is None
-                and condition.amplification is None,
+                and condition.amplification is None
+                and condition.steer is None,
+                "strength": None if condition.steer is None else float(condition.steer.get("strength", 1.0)),
                 "detector": detector.name,
                 "hits": hits,
                 "total": total,
