@@ -273,3 +273,24 @@ def test_adl_bad_input_is_a_422_naming_the_field(client):
     ):
         r = client.post("/diffing/jobs", json={"method": "adl"} | body)
         assert r.status_code == 422 and field in r.text, r.text
+
+
+def test_the_openai_routes_take_steer_as_an_extra(client, adl_job):
+    body = {"model": "after", "messages": [{"role": "user", "content": "What is a cat?"}], "max_tokens": 12,
+            "temperature": 0.0, "seed": 0}  # fmt: skip
+    steer = {"adl": adl_job["id"], "layer": 1.0, "position": 0}
+
+    def text(**extra):
+        r = client.post("/v1/chat/completions", json=body | extra)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    plain = text()
+    assert text(steer=steer | {"strength": 0.0}) == plain
+    assert text(steer=steer | {"strength": 2.0}) != plain
+    assert text(model="lda@0", steer=steer | {"strength": 0.0}) == plain  # alpha 0: the after model
+    r = client.post("/v1/chat/completions", json=body | {"model": "before", "steer": steer})
+    assert r.status_code in (400, 422) and r.json()["error"]["param"] == "steer", r.text
+    r = client.post("/v1/completions", json={"model": "after", "prompt": "hi", "max_tokens": 2,
+                                             "steer": steer | {"adl": "nope"}})  # fmt: skip
+    assert r.status_code in (400, 422) and "steer.adl" in r.text, r.text

@@ -23,11 +23,11 @@ from app.amplification_lens.jobs import adapter_target
 from app.amplification_lens.jobs import text_side as base_side
 from app.api.chunking import plan_chunks
 from app.api.generation import BatchTarget, Usage, in_batches, run_events
+from app.diffing_lens.steering import steer_target
 from app.engine import Job
 from app.lda_lens.jobs import pair_target, side_target
 from app.openai_lens.logprobs import Pieces
 from app.openai_lens.models import Lens
-
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI names both ends "stop"
 
@@ -45,9 +45,18 @@ class Target:
 
 
 @contextlib.contextmanager
-def open_lens(lens: Lens, alpha: float, adapter: str | None, pair: LDAModelPair, amp: Any) -> Iterator[Target]:
+def open_lens(
+    lens: Lens, alpha: float, adapter: str | None, pair: LDAModelPair, amp: Any, steering: Any = None
+) -> Iterator[Target]:
     """The lens, ready to decode; an adapter model is merged in place for the duration, restored
-    after (also on errors and cancellation)."""
+    after (also on errors and cancellation). `steering` (models after and lda only) adds an ADL
+    vector to the after model."""
+    if steering is not None:
+        alone = lens.kind == "after"
+        batch = steer_target(pair, steering, alone=alone)
+        models = (pair.after.model,) if alone else (pair.after.model, pair.before.model)
+        yield Target(batch.make_source, pair.after, models, 0.0 if alone else alpha, batch)
+        return
     if lens.kind in ("after", "before"):
         side = pair.after if lens.kind == "after" else pair.before
         batch = side_target(side)
@@ -86,6 +95,7 @@ class Work:
     add_generation_prompt: bool = True
     template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_batch_tokens: int | None = None  # MAX_BATCH_TOKENS: larger choices x prompts run in chunks
+    steering: Any = None  # a resolved `steer` (app.diffing_lens.steering.Steering)
 
 
 @dataclass
@@ -140,7 +150,7 @@ def completion_job(
     """The engine job: encode, check the context, score the prompts (echo), decode the choices."""
 
     def run(job: Job) -> Generator[Any, Any, Result | None]:
-        with open_lens(lens, alpha, adapter, pair, amp) as target:
+        with open_lens(lens, alpha, adapter, pair, amp, work.steering) as target:
             texts, ids = zip(*(prompt_ids(work, target.side, i) for i in range(len(work.prompts))))
             windows = [w for m in target.models if (w := getattr(m.config, "max_position_embeddings", None))]
             max_tokens = work.max_tokens

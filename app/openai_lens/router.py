@@ -6,6 +6,7 @@ native routes' semantics; this module only validates, limits and lays out OpenAI
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from app.api.deps import PairDep, SettingsDep, observe
 from app.api.generation import Usage
 from app.api.schemas import ERRORS, not_found
 from app.api.streaming import run_job
+from app.diffing_lens.steering import resolve_steer
 from app.openai_lens.jobs import FINISH, Choice, Result, Work, completion_job, usage_body
 from app.openai_lens.logprobs import chat_logprobs, completion_logprobs
 from app.openai_lens.models import Lens, ModelNotFoundError, ParamError, adapter_exists, resolve
@@ -89,6 +91,19 @@ def _lens(req: OpenAIFields, pair: Any, amp: Any) -> tuple[Lens, float, str | No
     return lens, alpha, adapter
 
 
+async def _steering(request: Request, req: OpenAIFields, resolved: tuple[Lens, float, str | None]) -> Any:
+    """The `steer` extra resolved (models after and lda without an adapter), or None."""
+    if req.steer is None:
+        return None
+    lens, _, adapter = resolved
+    if lens.kind not in ("after", "lda") or adapter is not None:
+        raise ParamError(f"steer: only applies to the models after and lda (no adapter), not {req.model!r}", "steer")
+    try:
+        return await asyncio.to_thread(resolve_steer, request.app, req.steer)
+    except ValueError as exc:
+        raise ParamError(str(exc), "steer") from None
+
+
 def _limits(settings: Settings, req: OpenAIFields, prompts: int, max_tokens: int | None) -> None:
     rows = prompts * req.n
     if rows > settings.max_rows_per_request:
@@ -105,6 +120,7 @@ def _limits(settings: Settings, req: OpenAIFields, prompts: int, max_tokens: int
 
 def _work(req: OpenAIFields, settings: Settings, prompts: Any, kind: str, max_tokens: int | None, logprobs: int | None, **kw: Any) -> Work:
     seed = req.seed if req.seed is not None else uuid.uuid4().int % 2**31
+    kw.setdefault("steering", None)
     sampling = SamplingParams(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p)
     return Work(prompts, kind, req.n, max_tokens, settings.max_new_tokens_limit, sampling,
                 tuple(req.stop_list), seed, logprobs, max_batch_tokens=settings.max_batch_tokens, **kw)  # fmt: skip
@@ -138,7 +154,8 @@ async def completions(
     prompts = req.prompts
     _limits(settings, req, len(prompts), req.max_tokens)
     kind = "text" if isinstance(prompts[0], str) else "ids"
-    work = _work(req, settings, prompts, kind, req.max_tokens, req.logprobs, echo=req.echo)
+    work = _work(req, settings, prompts, kind, req.max_tokens, req.logprobs, echo=req.echo,
+                 steering=await _steering(request, req, resolved))  # fmt: skip
 
     def choice(result: Result, c: Choice) -> dict[str, Any]:
         out = c.output
@@ -168,7 +185,8 @@ async def chat_completions(
     top = req.top_logprobs or 0
     work = _work(req, settings, [messages], "chat", req.max_new, top if req.logprobs else None,
                  add_generation_prompt=req.add_generation_prompt,
-                 template_kwargs=req.chat_template_kwargs or {})  # fmt: skip
+                 template_kwargs=req.chat_template_kwargs or {},
+                 steering=await _steering(request, req, resolved))  # fmt: skip
 
     def choice(result: Result, c: Choice) -> dict[str, Any]:
         out = c.output

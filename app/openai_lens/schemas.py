@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from app.api.schemas import FiniteFloat, StopString
+from app.api.schemas import FiniteFloat, SteerBody, StopString
 from app.lda_lens.schemas import Alpha
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI allows 5 (completions) and 20 (chat)
@@ -56,6 +56,9 @@ class OpenAIFields(BaseModel):
     # vLLM-style extras (the SDK's `extra_body`)
     alpha: Alpha | None = Field(None, description="LDA amplification for model `lda` (default 1.0)")
     adapter: str | None = Field(None, min_length=1, description="adapter-mode LDA for model `lda`")
+    steer: SteerBody | None = Field(
+        None, description="models `after` and `lda`: the after model steered by an ADL job's vector"
+    )
     top_k: int = Field(0, ge=-1, description="0 or -1 = off (vLLM uses -1)")
     # OpenAI fields accepted only at their neutral value
     frequency_penalty: FiniteFloat = 0.0
