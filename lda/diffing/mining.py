@@ -83,11 +83,6 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: f
     return (lp.exp() * (lp - lq)).sum(dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[p] | ...) from the logits at the position before it ([B, P, V], [B, P] -> [B, P])."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-
 class _TopList:
     """The `size` largest items seen (a min-heap); ties keep the earlier item."""
 
@@ -95,6 +90,10 @@ class _TopList:
         self.size = size
         self._heap: list[tuple[float, int, dict[str, Any]]] = []
         self._seen = 0
+
+    def admits(self, score: float) -> bool:
+        """Whether `score` would enter the list (so an item is only built when it will be kept)."""
+        return len(self._heap) < self.size or score > self._heap[0][0]
 
     def offer(self, score: float, item: dict[str, Any]) -> None:
         self._seen += 1
@@ -106,6 +105,18 @@ class _TopList:
 
     def best(self) -> list[dict[str, Any]]:
         return [item for _, _, item in sorted(self._heap, key=lambda e: e[:2], reverse=True)]
+
+
+def next_tokens(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token each analysed position predicts, [B, width], and whether it exists (the last
+    token of a sample predicts past its end)."""
+    target = torch.zeros(len(samples), width, dtype=torch.long)
+    scored = torch.zeros(len(samples), width, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        for j, p in enumerate(sample.positions):
+            if p + 1 < len(sample.ids):
+                target[row, j], scored[row, j] = sample.ids[p + 1], True
+    return target, scored
 
 
 class Miner:
@@ -132,52 +143,78 @@ class Miner:
         self.stats = self.stats.merge(stats)
         if self.nmf_hook is not None:
             self.nmf_hook(pos_values, pos_indices, batch.valid)
-        kl = kl_divergence(batch.after, batch.before, self.config.temperature)
+        # One log-softmax per model serves KL (at temperature 1) and the likelihood ratios.
+        lp_a, lp_b = torch.log_softmax(batch.after, dim=-1), torch.log_softmax(batch.before, dim=-1)
+        tau = self.config.temperature
+        if tau == 1.0:
+            kl = (lp_a.exp() * (lp_a - lp_b)).sum(dim=-1)
+        else:
+            kl = kl_divergence(batch.after, batch.before, tau)
         self.kl.add(kl, batch.valid)
         if self.kl_rev is not None:
-            self.kl_rev.add(kl_divergence(batch.before, batch.after, self.config.temperature), batch.valid)
-        self._examples(samples, kl.cpu(), batch.valid.cpu())
-        self._windows(samples, after_logits, before_logits)
+            reverse = (lp_b.exp() * (lp_b - lp_a)).sum(dim=-1) if tau == 1.0 else kl_divergence(batch.before, batch.after, tau)
+            self.kl_rev.add(reverse, batch.valid)
+        self._examples(samples, kl, batch.valid)
+        target, scored = next_tokens(samples, kl.shape[1])
+        target, scored = target.to(lp_a.device), scored.to(lp_a.device) & batch.valid
+        token_a = lp_a.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+        token_b = lp_b.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+        self._windows(samples, token_a, token_b, target, scored)
 
     def _examples(self, samples: Sequence[Sample], kl: torch.Tensor, valid: torch.Tensor) -> None:
-        for row, sample in enumerate(samples):
-            values = kl[row][valid[row]].tolist()
-            if not values:
+        count = valid.sum(dim=1)
+        peak = kl.masked_fill(~valid, float("-inf")).amax(dim=1)
+        mean = (kl * valid).sum(dim=1) / count.clamp(min=1)
+        kl, valid = kl.cpu(), valid.cpu()
+        for row, (top, avg, n) in enumerate(zip(peak.tolist(), mean.tolist(), count.tolist())):
+            if n == 0 or not (self.by_max.admits(top) or self.by_mean.admits(avg)):
                 continue
-            item = {"index": sample.index, "ids": list(sample.ids), "positions": list(sample.positions), "kl": values}
-            self.by_max.offer(max(values), item | {"score": max(values)})
-            mean = float(np.mean(values))
-            self.by_mean.offer(mean, item | {"score": mean})
+            sample = samples[row]
+            item = {"index": sample.index, "ids": list(sample.ids), "positions": list(sample.positions),
+                    "kl": kl[row][valid[row]].tolist()}  # fmt: skip
+            self.by_max.offer(top, item | {"score": top})
+            self.by_mean.offer(avg, item | {"score": avg})
 
-    def _windows(self, samples: Sequence[Sample], after_logits: torch.Tensor, before_logits: torch.Tensor) -> None:
+    def _windows(
+        self, samples: Sequence[Sample], lp_a: torch.Tensor, lp_b: torch.Tensor, target: torch.Tensor,
+        scored: torch.Tensor,
+    ) -> None:  # fmt: skip
         """Windowed log-likelihood ratios Σ log p_after − Σ log p_before over the tokens predicted.
 
         A window covers the tokens it scores: positions p..p+w-1 predict ids[p+1..p+w], and those
         are the ids reported (the toolkit reports ids[p..p+w-1], one token off its own scores).
+        Windows start every `step` scored positions of a sample, as the toolkit's do.
         """
         w, step = self.config.llr_window, self.config.llr_step
-        for row, sample in enumerate(samples):
-            scored = [p for p in sample.positions if p + 1 < len(sample.ids)]
-            if len(scored) < w:
+        # Scored positions come first in each row (they are the analysed ones but the last), so a
+        # prefix sum over each row gives every window's sum.
+        zero = torch.zeros(lp_a.shape[0], 1, dtype=torch.float64, device=lp_a.device)
+        sums = {k: torch.cat([zero, torch.cumsum(v * scored, dim=1)], dim=1) for k, v in (("a", lp_a), ("b", lp_b))}
+        counts = scored.sum(dim=1).tolist()
+        sums_a, sums_b = sums["a"].cpu(), sums["b"].cpu()
+        for row, n in enumerate(counts):
+            starts = list(range(0, n - w + 1, step))
+            if not starts:
                 continue
-            at = torch.tensor(scored, device=after_logits.device)
-            target = torch.tensor([sample.ids[p + 1] for p in scored], device=after_logits.device)
-            lp_a = token_logprobs(after_logits[row, at].unsqueeze(0), target.unsqueeze(0))[0].double().cpu()
-            lp_b = token_logprobs(before_logits[row, at].unsqueeze(0), target.unsqueeze(0))[0].double().cpu()
-            for start in range(0, len(scored) - w + 1, step):
-                a, b = float(lp_a[start : start + w].sum()), float(lp_b[start : start + w].sum())
-                self.num_windows += 1
-                predicted = target[start : start + w].tolist()
+            self.num_windows += len(starts)
+            s = torch.tensor(starts)
+            a = (sums_a[row, s + w] - sums_a[row, s]).tolist()
+            b = (sums_b[row, s + w] - sums_b[row, s]).tolist()
+            sample = samples[row]
+            for start, la, lb in zip(starts, a, b):
+                if not self.windows.admits(la - lb):
+                    continue
+                first = sample.positions[start]
                 self.windows.offer(
-                    a - b,
+                    la - lb,
                     {
                         "sample_idx": sample.index,
-                        "start_pos": scored[start] + 1,
-                        "end_pos": scored[start + w - 1] + 2,
-                        "token_ids": predicted,
-                        "logprob_base": b,
-                        "logprob_ft": a,
-                        "logprob_diff": a - b,
+                        "start_pos": first + 1,
+                        "end_pos": first + w + 1,
+                        "token_ids": list(sample.ids[first + 1 : first + w + 1]),
+                        "logprob_base": lb,
+                        "logprob_ft": la,
+                        "logprob_diff": la - lb,
                     },
                 )
 
