@@ -18,15 +18,13 @@ from lda.diffing.adl_files import write_adl
 from lda.diffing.inputs import Sample, chat_positions, resolve_layer, tokenize_chats, tokenize_texts
 from weightdiff.jobs import JobRecord, JobStore, write_json_atomic
 
+from app.diffing_lens.adl_grading import grade_adl
+from app.diffing_lens.names import RESULT, RUN_DIR, TOKEN_STATS, ZIP
 from app.diffing_lens.schemas import ADLRequest, LogitDiffRequest
 from app.weightdiff_lens.jobs import _on_engine
 
 log = logging.getLogger(__name__)
 
-RESULT = "result.json"
-TOKEN_STATS = "token_stats.json"
-ZIP = "results.zip"
-RUN_DIR = "run"
 # What GET /diffing/jobs/{id} shows of the lists a result keeps (the rest: GET .../result).
 SHOWN = 10
 Request = LogitDiffRequest | ADLRequest
@@ -136,13 +134,15 @@ async def drive(app: Any, record: JobRecord, req: Request, samples: list[Sample]
         record.train_seconds += time.perf_counter() - began
         store.save(record)
 
-    def finish(job: Any) -> None:
+    def finish(job: Any) -> dict[str, Any]:
         meta = metadata(record, req, pair)
         if isinstance(state, ADLPass):
-            result = write_adl(state, folder / RUN_DIR, req.dataset_name, meta)
-        else:
-            result = state.finish(folder / RUN_DIR, req.dataset_name, meta)
-            write_json_atomic(folder / TOKEN_STATS, state.token_stats().to_json())
+            return write_adl(state, folder / RUN_DIR, req.dataset_name, meta)
+        result = state.finish(folder / RUN_DIR, req.dataset_name, meta)
+        write_json_atomic(folder / TOKEN_STATS, state.token_stats().to_json())
+        return result
+
+    def publish(result: dict[str, Any]) -> None:
         write_json_atomic(folder / RESULT, result)
         mine.zip_dir(folder / RUN_DIR, folder / ZIP)
         record.result = result
@@ -158,7 +158,13 @@ async def drive(app: Any, record: JobRecord, req: Request, samples: list[Sample]
                 store.save(record)
                 return
             await _on_engine(engine, step)
-        await _on_engine(engine, finish)
+        result = await _on_engine(engine, finish)
+        if isinstance(req, ADLRequest) and req.grader is not None:
+            record.result = {"phase": "grading"}
+            store.save(record)
+            transport = getattr(app.state, "grader_transport", None)  # tests answer without a network
+            result = await grade_adl(app, record.id, req, folder / RUN_DIR, result, transport)
+        publish(result)
     except asyncio.CancelledError:
         raise  # shutdown: the lifespan marks the record interrupted
     except Exception as exc:  # a job failing never takes the server or other jobs down

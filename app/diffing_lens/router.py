@@ -18,7 +18,8 @@ from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 from app.api.background import start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
 from app.api.schemas import ERRORS, not_found
-from app.diffing_lens.jobs import RUN_DIR, TOKEN_STATS, ZIP, adl_layers, drive, public, read_result, tokenize
+from app.diffing_lens.jobs import adl_layers, drive, public, read_result, tokenize
+from app.diffing_lens.names import RUN_DIR, TOKEN_STATS, ZIP
 from app.diffing_lens.schemas import DiffingRequest, LogitDiffRequest
 
 router = APIRouter()
@@ -59,7 +60,9 @@ async def submit(
         raise ValueError(f"max_tokens_per_sample must be <= {window} (the context window), got {req.max_tokens_per_sample}")
     rows = await asyncio.to_thread(_rows, req, settings)
     samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, rows, req)
-    spec = req.model_dump(exclude={"texts", "prompts_file", "dataset"}) | {"rows": rows, "source": _source(req)}
+    # The grader's key is used by the job and never written to disk or shown.
+    spec = req.model_dump(exclude={"texts": True, "prompts_file": True, "dataset": True, "grader": {"api_key"}})
+    spec |= {"rows": rows, "source": _source(req)}
     app = request.app
     return start_job(request, _store(request), spec, [], app.state.diffing_cancels,
                      lambda record, cancel: drive(app, record, req, samples, cancel), settings.max_weightdiff_jobs,

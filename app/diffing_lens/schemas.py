@@ -28,6 +28,14 @@ class NmfBody(BaseModel):
     mode: Literal["logit_diff_magnitude", "binary_occurrence"] = "logit_diff_magnitude"
 
 
+class GraderBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    base_url: str = Field(min_length=1, pattern=r"^https?://", description="e.g. https://api.openai.com/v1")
+    model: str = Field(min_length=1)
+    api_key: str | None = Field(None, description="sent as a Bearer token; never stored with the job")
+
+
 class JobInputs(BaseModel):
     """What both methods read: texts or chat rows, tokenized as the toolkit does."""
 
@@ -99,6 +107,22 @@ class ADLRequest(JobInputs):
     )
     intersection_top_k: int = Field(16384, ge=1, description="a token must be in every identity prompt's top-k")
     tokens_k: int = Field(20, ge=1, le=1000, description="patchscope tokens kept per scale")
+    grader: GraderBody | None = Field(
+        None, description="an OpenAI-compatible chat model that picks the patchscope's scale and grades "
+        "steered samples for the steering threshold; without one every scale is returned",
+    )  # fmt: skip
+    steering_positions: list[int] = Field(
+        [0, 1, 2, 3, 4], max_length=64, description="with a grader: positions whose steering threshold is searched"
+    )
+    steering_prompts: list[str] | None = Field(
+        None, min_length=1, max_length=50, description="prompts of the threshold search (default: the toolkit's 3)"
+    )
+    steering_samples: int = Field(10, ge=1, le=100, description="samples graded per strength")
+    steering_max_strength: float = Field(100.0, gt=0, le=10000, allow_inf_nan=False)
+    steering_final_samples: int = Field(
+        5, ge=0, le=100, description="steered and unsteered samples per prompt at the threshold"
+    )
+    steering_max_new_tokens: int = Field(128, ge=1, le=4096, description="tokens per graded sample")
 
 
 DiffingRequest = Annotated[LogitDiffRequest | ADLRequest, Field(discriminator="method")]

@@ -16,7 +16,7 @@ from lda.steering import SteeredSource
 
 from app.api.generation import BatchTarget
 from app.api.schemas import SteerBody
-from app.diffing_lens.jobs import RUN_DIR
+from app.diffing_lens.names import RUN_DIR
 from app.lda_lens.jobs import Decoder
 
 

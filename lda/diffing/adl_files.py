@@ -32,11 +32,13 @@ def write_adl(adl: ADLPass, run_dir: Path, dataset: str, metadata: dict[str, Any
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_metadata.json").write_text(json.dumps(metadata, indent=2))
     tensors: dict[str, torch.Tensor] = {}
-    norms: dict[str, dict[int, float]] = {"base": {}, "ft": {}}
+    # The toolkit's loader reads norms["ft_model_norms"][layer] as a tensor.
+    norms: dict[str, dict[int, torch.Tensor]] = {"base_model_norms": {}, "ft_model_norms": {}}
     layers = []
     for layer in adl.config.layers:
         vec = adl.vectors(layer)
-        norms["base"][layer], norms["ft"][layer] = vec["norm_before"], vec["norm_after"]
+        norms["base_model_norms"][layer] = torch.tensor(vec["norm_before"])
+        norms["ft_model_norms"][layer] = torch.tensor(vec["norm_after"])
         for name in VECTORS:
             tensors[vector_key(layer, name)] = vec[name].contiguous().cpu()
         tensors[f"layer_{layer}.norms"] = torch.tensor([vec["norm_before"], vec["norm_after"]])
