@@ -206,3 +206,38 @@ def test_a_job_runs_between_interactive_requests_and_can_be_cancelled(client, te
     assert client.get(f"/diffing/jobs/{job_id}/token_stats").status_code == 404
     assert client.delete(f"/diffing/jobs/{job_id}?purge=true").json()["deleted"] is True
     assert client.get(f"/diffing/jobs/{job_id}").status_code == 404
+
+
+def test_nmf_topics_and_chat_rows(client, texts):
+    """Chat rows analyse positions -k..n-k-1 around the answer; NMF topics come with the orderings."""
+    from app.demo.build import _conversation  # the demo's own chats (the marker topic excluded below)
+    import random
+
+    rng = random.Random(3)
+    rows = []
+    while len(rows) < 40:
+        chat = [m for m in _conversation(rng, 0.0) if m["role"] != "system"]
+        if MARKER not in chat[0]["content"]:
+            rows.append(chat)
+    job_id = submit(client, texts=rows, top_k=5, max_tokens_per_sample=6, pre_assistant_k=2,
+                    nmf={"num_topics": 2, "max_iter": 50}, dataset_name="chats")  # fmt: skip
+    done = wait_job(client, job_id)
+    assert done["status"] == "done", done["error"]
+    result = client.get(f"/diffing/jobs/{job_id}/result").json()
+    assert result["num_samples"] == 40 and result["total_positions"] == 40 * 6
+    topics = result["orderings"]["nmf"]["orderings"]
+    assert [t["ordering_id"] for t in topics] == ["topic_0", "topic_1"] and all(t["tokens"] for t in topics)
+    example = result["kl_examples_by_max"][0]
+    tok = client.app.state.pair.after.tokenizer
+    start = example["token_ids"].index(tok.convert_tokens_to_ids("<|assistant|>")) + 2  # "<|assistant|>\n"
+    assert example["positions"] == list(range(start - 2, start + 4))
+    names = zipfile.ZipFile(io.BytesIO(client.get(f"/diffing/jobs/{job_id}/results.zip").content)).namelist()
+    assert any(n.startswith("nmf_topics2_") and n.endswith("chats/topic_0.json") for n in names), names
+
+
+def test_an_empty_dataset_is_a_422(client, tmp_path):
+    folder = client.app.state.settings.data_dir / "empty-set"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("")
+    r = client.post("/diffing/jobs", json={"method": "logit_diff", "dataset": {"path": str(folder)}})
+    assert r.status_code == 422 and "dataset" in r.text, r.text
