@@ -1,8 +1,9 @@
 """The web page in a real headless Chromium against a live server on the demo pair: Compare streams
 coloured tokens into every column (legend, hover / focus logprobs, search highlight, copy as curl
 that reproduces the sample), an experiment runs and is plotted, a weight-diff job trains and its
-adapter is used in Compare, bad input shows the server's message at the field, a dropped
-connection offers a Retry that works, and an API key is asked once. The browser console stays
+adapter is used in Compare, a diffing job's tables, KL summary and high-KL tokens are the API's,
+bad input shows the server's message at the field, a dropped connection offers a Retry that works,
+and an API key is asked once. The browser console stays
 free of errors (SEVERE entries) except the failed requests a test causes on purpose.
 
 Chromium and its driver are system packages (`chromium`, `chromium-driver`); without them the
@@ -429,6 +430,111 @@ def test_a_page_opened_on_another_view_still_names_the_models(page, server):
     page.get(f"{server}/?fresh=1#jobs")  # a new query: a real load, not a hash change
     wait(page, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
     assert page.find_element(By.ID, "view-jobs").is_displayed()
+
+
+# --- Diffing jobs -----------------------------------------------------------------------------
+
+
+def visible_token(token):
+    """A token as the diffing tables show it: spaces, newlines and tabs made visible."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+
+
+def sig(x):
+    """The page's three significant digits (JS toPrecision(3)) for values of at least 1e-3."""
+    assert abs(x) >= 1e-3
+    return f"{x:#.3g}"
+
+
+def test_a_diffing_job_shows_what_the_api_answers(page, server, demo_data_dir):
+    """A logit_diff job started from the form on 100 demo texts (a JSON list in the textarea): its
+    tables, KL summary, histogram, first high-KL sample and windows are the API's answers, and the
+    marker, which none of the texts mentions, is in the top 10 of top_k_occurring."""
+    from transformers import AutoTokenizer
+
+    from app.demo import MARKER, ensure_demo_pair
+    from app.demo.build import demo_texts
+
+    texts = demo_texts(AutoTokenizer.from_pretrained(ensure_demo_pair(demo_data_dir).after), 100, seed=0)
+    page.get(f"{server}/?diffing=1#diffing")  # a real load on this server, whichever page the browser is on
+    wait(page, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+    # 35k characters: typed key by key this would take most of a minute.
+    page.execute_script("document.getElementById('f-texts').value = arguments[0]", json.dumps(texts))
+    for field, value in (("dataset_name", "demo"), ("max_tokens_per_sample", 64), ("top_k", 5), ("batch_size", 16),
+                         ("nmf", 2)):  # fmt: skip
+        set_value(page, f"f-{field}", value)
+    page.find_element(By.ID, "f-run").click()
+    wait(page, lambda d: status_is(d, "diff-detail", "done"))
+    job_id = page.find_element(By.CSS_SELECTOR, "#diff-list button.current").get_attribute("data-id")
+    job = httpx.get(f"{server}/diffing/jobs/{job_id}").json()
+    full = httpx.get(f"{server}/diffing/jobs/{job_id}/result").json()
+    assert job["spec"]["num_rows"] == 100 and job["step"] == job["total_steps"] == 7
+
+    ordering = job["result"]["orderings"]["top_k_occurring"]["orderings"][0]["tokens"][:10]
+    rows = css(page, "table[data-ordering='top_k_occurring/global'] tbody tr")[:10]
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    assert [c[1] for c in cells] == [visible_token(t["token_str"]) for t in ordering]
+    assert [c[2] for c in cells] == [sig(t["ordering_value"]) for t in ordering]
+    counts = [(t["count_positive"], t["count_negative"]) for t in ordering]
+    assert [(int(c[4]), int(c[5])) for c in cells] == counts
+    assert MARKER in [t["token_str"].strip() for t in ordering]
+    assert css(page, "table[data-ordering='fraction_positive_diff/global'] tbody tr")
+    tables = [t.get_attribute("data-ordering") for t in css(page, "table.ordering")]
+    assert tables[2:] == ["nmf/topic_0", "nmf/topic_1"]
+
+    kl = job["result"]["kl"]
+    means = [td.text for td in css(page, "#diff-kl tr[data-stat='mean'] td")]
+    assert means == [sig(kl["per_token_statistics"]["mean"]), sig(kl["mean_per_sample_statistics"]["mean"])]
+    bars = css(page, "#diff-detail svg.chart rect.hist-bar")
+    assert [int(b.get_attribute("data-count")) for b in bars] == kl["histogram"]["counts"]
+
+    # The first sample by max KL: every token, the analysed ones carrying the API's KL exactly.
+    example = full["kl_examples_by_max"][0]
+    first = css(page, "#diff-examples .example")[0]
+    assert first.get_attribute("data-sample") == str(example["sample_idx"])
+    spans = first.find_elements(By.CSS_SELECTOR, ".tok")
+    assert len(spans) == len(example["tokens"])
+    carried = [(i, float(v)) for i, s in enumerate(spans) if (v := s.get_attribute("data-kl"))]
+    assert carried == list(zip(example["positions"], example["kl"], strict=True))
+    peak = spans[example["positions"][example["kl"].index(max(example["kl"]))]]
+    assert max(example["kl"]) == example["score"] and "kl4" in peak.get_attribute("class")
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", peak)
+    ActionChains(page).move_to_element(peak).perform()
+    tip = wait(page, shown("tooltip"))
+    assert f"KL of the next token {sig(example['score'])} nats" in tip.text
+
+    window = job["result"]["llr_windows"][0]
+    row = css(page, "#diff-windows tbody tr")[0]
+    assert row.find_element(By.CSS_SELECTOR, "td.window-text").get_attribute("textContent") == window["text"]
+    assert row.find_elements(By.TAG_NAME, "td")[1].text == f"{window['logprob_diff']:.3f}"
+    for link in ("diff-token-stats", "diff-zip"):
+        assert httpx.get(page.find_element(By.ID, link).get_attribute("href")).status_code == 200
+    page.set_window_size(1400, 1900)  # the detail down to the first high-KL sample
+    page.execute_script("document.getElementById('diff-detail').scrollIntoView({block: 'start'})")
+    screenshot(page, "page-diffing.png")
+    page.set_window_size(1400, 1000)
+    assert not console_errors(page)
+
+
+def test_a_diffing_job_on_too_short_texts_is_refused_at_the_field_and_a_job_can_be_deleted(page, server):
+    """Texts shorter than max_tokens_per_sample: the server's 422 at the texts field; then the job of
+    the test above is deleted from its detail (DELETE ?purge=true)."""
+    page.execute_script("window.location.hash = '#diffing'")
+    text = "A text far shorter than 64 tokens."
+    set_value(page, "f-texts", text)
+    page.find_element(By.ID, "f-run").click()
+    error = wait(page, lambda d: d.find_element(By.ID, "f-texts-error"))
+    expected = httpx.post(f"{server}/diffing/jobs", json={"method": "logit_diff", "texts": [text]})
+    assert expected.status_code == 422
+    assert error.text == expected.json()["error"]["message"] and error.text.startswith("texts:")
+    assert page.find_element(By.ID, "f-texts").get_attribute("aria-invalid") == "true"
+
+    job_id = page.find_element(By.CSS_SELECTOR, "#diff-list button.current").get_attribute("data-id")
+    page.find_element(By.ID, "diff-delete").click()
+    wait(page, lambda d: not css(d, f"#diff-list button[data-id='{job_id}']"))
+    assert httpx.get(f"{server}/diffing/jobs/{job_id}").status_code == 404
+    assert "Select a job" in page.find_element(By.ID, "diff-detail").text
+    assert not console_errors(page, allow=["status of 422"])
 
 
 # --- API key ----------------------------------------------------------------------------------

@@ -4,13 +4,14 @@
 
 import { ConnectionError, getJSON } from "./api.js";
 import { loadExtras, setupCompare } from "./compare.js";
+import { refresh as refreshDiffing, setupDiffing } from "./diffing.js";
 import { refresh as refreshExperiments, setupExperiments } from "./experiments.js";
 import { refresh as refreshJobs, setupJobs } from "./jobs.js";
 import { setupTooltip } from "./tokens.js";
 import { offline, online, setupRetry } from "./ui.js";
 
-const VIEWS = ["compare", "experiments", "jobs"];
-const LOAD = { compare: loadCompare, experiments: refreshExperiments, jobs: refreshJobs };
+const VIEWS = ["compare", "experiments", "jobs", "diffing"];
+const LOAD = { compare: loadCompare, experiments: refreshExperiments, jobs: refreshJobs, diffing: refreshDiffing };
 
 function openTab(name, focus = false) {
   if (!VIEWS.includes(name)) name = "compare";
@@ -58,6 +59,7 @@ setupTooltip();
 setupCompare();
 setupExperiments();
 setupJobs(openTab);
+setupDiffing();
 setupTabs();
 openTab(location.hash.slice(1) || "compare");
 // The header's model line comes from Compare's /info call: load it too when the page opens elsewhere.

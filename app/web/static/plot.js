@@ -1,5 +1,5 @@
-// Hand-written SVG charts: the experiment's rate per condition with its 95% interval, and the
-// per-task loss curves of a weight-diff job. No library: a few axes, marks and labels.
+// Hand-written SVG charts: the experiment's rate per condition with its 95% interval, the
+// per-task loss curves of a weight-diff job, a diffing job's KL histogram. No library: a few axes, marks and labels.
 
 const NS = "http://www.w3.org/2000/svg";
 // Series colours with at least 3:1 contrast on white (marks) and distinct for common colour blindness.
@@ -103,5 +103,39 @@ export function lossPlot(losses, names, title) {
     root.append(line);
     root.append(svg("text", { x: pad.l + 8 + 110 * t, y: height - 10, fill: colour, class: "legend-text" }, `— ${names[t]}`));
   });
+  return root;
+}
+
+/**
+ * A histogram from counts per bin and the bins' edges (`edges.length === counts.length + 1`), on a
+ * log scale: KL per token is mostly near zero, and a linear axis would hide the tail that matters.
+ */
+export function histogramPlot(counts, edges, title, xLabel, format = (v) => v.toPrecision(3)) {
+  const width = 520;
+  const height = 240;
+  const pad = { l: 56, r: 16, t: 28, b: 48 };
+  const top = Math.max(1, ...counts);
+  const decades = Math.ceil(Math.log10(top + 1));
+  const scale = (v) => Math.log10(v + 1) / decades; // 0 -> 0, 10^decades - 1 -> 1
+  const y = (v) => pad.t + (height - pad.t - pad.b) * (1 - scale(v));
+  const slot = (width - pad.l - pad.r) / Math.max(1, counts.length);
+  const root = frame(width, height, pad, title);
+  for (let d = 0; d <= decades; d++) {
+    const v = 10 ** d - 1; // gridlines at 0, 9, 99, ...: labelled as the decade they start
+    root.append(svg("line", { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: "gridline" }));
+    root.append(svg("text", { x: pad.l - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, d ? `${10 ** d}` : "0"));
+  }
+  counts.forEach((n, i) => {
+    const bar = svg("rect", { x: pad.l + slot * i + 0.5, width: Math.max(1, slot - 1), y: y(n), height: y(0) - y(n),
+      class: "hist-bar", "data-count": n });
+    bar.append(svg("title", {}, `${format(edges[i])} – ${format(edges[i + 1])}: ${n}`));
+    root.append(bar);
+  });
+  const mid = pad.t + (height - pad.t - pad.b) / 2;
+  root.append(svg("text", { x: 14, y: mid, class: "axis-label", transform: `rotate(-90 14 ${mid})`, "text-anchor": "middle" }, "count (log)"));
+  root.append(svg("text", { x: pad.l, y: 16, class: "chart-title" }, title));
+  root.append(svg("text", { x: pad.l, y: height - pad.b + 16, class: "tick" }, format(edges[0])));
+  root.append(svg("text", { x: width - pad.r, y: height - pad.b + 16, "text-anchor": "end", class: "tick" }, format(edges[edges.length - 1])));
+  root.append(svg("text", { x: pad.l + (width - pad.l - pad.r) / 2, y: height - 10, "text-anchor": "middle", class: "axis-label" }, xLabel));
   return root;
 }

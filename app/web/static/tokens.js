@@ -91,10 +91,11 @@ function tipText(covered) {
     .join("\n\n");
 }
 
+// A span's tip: its logprob details (`info`), or a ready text (`tip`, e.g. a diffing job's KL).
 function showTip(span) {
-  if (!span.info) return;
+  if (!span.info && !span.tip) return;
   const tip = document.getElementById("tooltip");
-  tip.textContent = tipText(span.info);
+  tip.textContent = span.tip ?? tipText(span.info);
   tip.hidden = false;
   const r = span.getBoundingClientRect();
   // Below the token, kept inside the window.
@@ -109,7 +110,7 @@ function hideTip(span) {
   span.removeAttribute("aria-describedby");
 }
 
-/** Hover and focus show a token's logprobs; set up once on the page (events bubble from spans). */
+/** Hover and focus show a token's logprobs (or its `tip`); set up once on the page (events bubble from spans). */
 export function setupTooltip() {
   for (const [show, hide] of [["mouseover", "mouseout"], ["focusin", "focusout"]]) {
     document.addEventListener(show, (e) => e.target.classList?.contains("tok") && showTip(e.target));
