@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from fastapi import FastAPI, Request
@@ -51,11 +52,23 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+# Tags of request bodies that are unions keyed by a field (`/diffing/jobs`'s `method`): pydantic
+# puts the tag into an error's path (`logit_diff.top_k`), where the client sent `top_k`.
+UNION_TAGS: set[str] = set()
+# A library's ValueError names the field first ("texts: none of ..."): that is its `param`.
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\[\d+\])?)*): ")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The message naming every bad field, and the first field's path (OpenAI's `param`)."""
     parts, params = [], []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        raw = list(err.get("loc", ()))
+        if len(raw) > 1 and raw[0] == "body" and raw[1] in UNION_TAGS:
+            del raw[1]
+        if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # the key field itself
+            raw.append(str(err.get("ctx", {}).get("discriminator", "")).strip("'"))
+        loc = ".".join(str(p) for p in raw if p != "body")
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
         params.append(loc)
@@ -83,6 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, IncompatibleTokenizersError):
             return error_response(409, str(exc), "incompatible_models")
         param = getattr(exc, "param", None)
+        if param is None and (named := _FIELD_PREFIX.match(str(exc))):
+            param = named.group(1)
         return error_response(_invalid_status(request), str(exc), "invalid_request_error", param=param)
 
     @app.exception_handler(FileNotFoundError)

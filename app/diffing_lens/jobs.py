@@ -78,14 +78,15 @@ def make_pass(req: Request, pair: Any, samples: Sequence[Sample], work: Path) ->
     return ADLPass(pair, config, mine.mining_width(pair))
 
 
-def public(record: JobRecord) -> dict[str, Any]:
-    """The record as GET shows it: the spec without its rows, the result's long lists cut short."""
+def public(record: JobRecord, brief: bool = False) -> dict[str, Any]:
+    """The record as GET shows it: the spec without its rows, the result's long lists cut short
+    (`brief`, for the list: no result at all; it is one GET away)."""
     body = record.public()
     spec = record.spec
     body["spec"] = {k: v for k, v in spec.items() if k != "rows"} | {"num_rows": len(spec.get("rows") or [])}
     for key in ("task_names", "outputs", "losses", "registered"):
         body.pop(key, None)
-    body["result"] = _shortened(record.result)
+    body["result"] = None if brief else _shortened(record.result)
     done = record.status == "done"
     links = {"zip": ZIP, "result": "result"}
     if spec.get("method") == "logit_diff":

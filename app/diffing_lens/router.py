@@ -47,17 +47,19 @@ async def submit(
 ) -> Any:
     """Start a diffing job on the pair; returns the job id at once (poll GET /diffing/jobs/{id})."""
     if req.max_samples > settings.max_diffing_rows:
-        raise ValueError(f"max_samples must be <= {settings.max_diffing_rows} (MAX_DIFFING_ROWS), got {req.max_samples}")
+        raise ValueError(f"max_samples: must be <= {settings.max_diffing_rows} (MAX_DIFFING_ROWS), got {req.max_samples}")
     if isinstance(req, LogitDiffRequest):
         width = mining_width(pair, req.drop_new_tokens)
         if req.top_k > width:
-            raise ValueError(f"top_k must be <= {width} (the compared vocabulary), got {req.top_k}")
+            raise ValueError(f"top_k: must be <= {width} (the compared vocabulary), got {req.top_k}")
     else:
         mining_width(pair)  # the lens reads the after model's vocabulary: the pair's must agree
         adl_layers(req, pair.after.model)  # a layer out of range is a 422 naming it
     window = getattr(pair.after.model.config, "max_position_embeddings", None)
     if isinstance(window, int) and req.max_tokens_per_sample > window:
-        raise ValueError(f"max_tokens_per_sample must be <= {window} (the context window), got {req.max_tokens_per_sample}")
+        raise ValueError(
+            f"max_tokens_per_sample: must be <= {window} (the context window), got {req.max_tokens_per_sample}"
+        )
     rows = await asyncio.to_thread(_rows, req, settings)
     samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, rows, req)
     # The grader's key is used by the job and never written to disk or shown.
@@ -93,7 +95,8 @@ def _finished(request: Request, job_id: str) -> JobRecord:
 
 @router.get("/diffing/jobs")
 async def list_jobs(request: Request) -> Any:
-    return {"jobs": [public(r) for r in _store(request).list()]}
+    """Every job's record without its result (GET /diffing/jobs/{id} has it)."""
+    return {"jobs": [public(r, brief=True) for r in _store(request).list()]}
 
 
 @router.get("/diffing/jobs/{job_id}", responses=not_found("job"))

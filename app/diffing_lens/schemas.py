@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.errors import UNION_TAGS
 from app.experiments_lens.schemas import DatasetSource, Message
 
 
@@ -126,3 +127,4 @@ class ADLRequest(JobInputs):
 
 
 DiffingRequest = Annotated[LogitDiffRequest | ADLRequest, Field(discriminator="method")]
+UNION_TAGS.update(("logit_diff", "adl"))
