@@ -16,7 +16,6 @@ from amplification.config import (
     preset_names,
 )
 from amplification.organisms import OrganismRegistry, adapter_reference, custom_reference, is_custom
-from amplification.paths import OutsideRoots, confined
 from amplification.resolve import (
     adapter_groups,
     decoder_layers,
@@ -27,6 +26,7 @@ from amplification.resolve import (
     resolve_config,
     resolve_layers,
 )
+from lda.paths import OutsideRoots, confined
 
 __all__ = [
     "CUSTOM_ORGANISM",

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from amplification.paths import Unreachable, reach
 from amplification.resolve import module_kinds
+from lda.paths import Unreachable, reach
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from lda.experiments import ExperimentStore
-from weightdiff.jobs import JobStore
+from lda.jobs import JobStore
 
 from app.amplification_lens.amplifier import Amplifier
 from app.amplification_lens.router import router as amplification_router
+from app.api.background import interrupt_active
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import CountRequests, Guard
@@ -33,7 +34,6 @@ from app.settings import Settings, get_settings
 from app.system.info import model_summaries
 from app.system.router import router as system_router
 from app.web.router import router as web_router
-from app.weightdiff_lens.jobs import interrupt_active
 from app.weightdiff_lens.router import router as weightdiff_router
 
 log = logging.getLogger("app")

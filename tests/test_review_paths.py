@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from amplification import AdapterError, AdapterRegistry
-from amplification.paths import Unreachable, reach
+from lda.paths import Unreachable, reach
 from tests.test_amplification_api import config
 from tests.test_amplification_merge import fresh_base, make_adapter
 from tests.test_api import make_settings, wait_ready

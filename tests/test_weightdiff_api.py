@@ -14,7 +14,7 @@ from safetensors.torch import load
 
 from app.main import create_app
 from app.settings import Settings
-from weightdiff.jobs import JobStore
+from lda.jobs import JobStore
 from tests.test_amplification_merge import digests
 from tests.test_api import wait_ready
 

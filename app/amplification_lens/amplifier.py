@@ -36,10 +36,10 @@ from amplification import (
     resolve_config,
 )
 from amplification.merge import Plan
-from amplification.paths import Unreachable, reach
 from amplification.registry import AdapterNameError
 from amplification.registry import check_name as check_adapter_name
 from lda import LDAModelPair
+from lda.paths import Unreachable, reach
 
 from app.settings import Settings
 

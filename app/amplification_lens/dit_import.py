@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from amplification import AdapterError, LoadedAdapter
-from amplification.paths import Unreachable, reach
+from lda.paths import Unreachable, reach
 from weightdiff.export import export_peft, from_dit, from_dit_adapter, load_dit, load_dit_adapter, load_dit_pt
 from weightdiff.lora import LoRAFactors, decoder_linears
 

@@ -7,23 +7,21 @@ evaluate wrap the model inside one engine job and unwrap it before the job ends.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from amplification import AdapterNotFound, LoadedAdapter
 from lda.experiments.stats import wilson
+from lda.jobs import JobRecord, JobStore
 from weightdiff import Diff, Evaluated, Evaluation, InterpreterTrainer, Pair, evaluate, normalise, pairs_loss
 from weightdiff.interpret_export import export_interpreter
 from weightdiff.interpreter import unwrap_interpreter
-from weightdiff.jobs import JobRecord, JobStore
 
 from app.amplification_lens.jobs import text_side
+from app.api.background import drive_steps, on_engine
 from app.dit_lens.schemas import MAX_CANDIDATES, JobRequest, PairSpec
-from app.engine import QueueFullError
 
 log = logging.getLogger(__name__)
 RESULT = "interpreter"  # the key of L's folder in a record's outputs and registered names
@@ -76,17 +74,6 @@ def rates(result: Evaluation) -> dict[str, Any]:
 
 def _item(e: Evaluated) -> dict[str, Any]:
     return {"text": e.text, "exact": e.exact, "candidate": e.candidate, "correct": e.correct}
-
-
-async def on_engine(engine: Any, fn: Any, background: bool) -> Any:
-    """One engine job; background work waits politely while the queue is full."""
-    while True:
-        try:
-            return await engine.run(fn, background=background)
-        except QueueFullError:
-            if not background:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def evaluate_all(
@@ -152,7 +139,8 @@ async def evaluate_all(
 
 
 async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.Event) -> None:
-    """Start, step and finish one job; every state change is written to disk."""
+    """Train L step by step (`drive_steps`), then export it, evaluate it on the held-out pairs and
+    register it if asked."""
     store: JobStore = app.state.dit_jobs
     engine, amp, settings = app.state.engine, app.state.amplifier, app.state.settings
     model, tokenizer = amp.model, text_side(amp.pair).tokenizer
@@ -160,17 +148,16 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
     trainer: InterpreterTrainer | None = None
     test: list[Diff | None] = []
 
-    def start(job: Any) -> None:
+    def start(job: Any) -> int:
         nonlocal trainer, test
         diffs = resolve(amp, [p.diff for p in train_specs], "pairs[{}].diff")
         test = resolve(amp, [p.diff for p in test_specs], "test_pairs[{}].diff")
         pairs = [Pair(d, p.description) for d, p in zip(diffs, train_specs)]  # type: ignore[arg-type]
-        # Held here the moment it exists: `finally` below closes it whatever happens next.
+        # Held here the moment it exists: `end` closes it whatever happens next.
         trainer = InterpreterTrainer(model, tokenizer, pairs, req.config())
         trainer.detach()
-        record.status, record.started, record.total_steps = "running", time.time(), trainer.total_steps
         record.result = {"train_pairs": len(train_specs), "test_pairs": len(test_specs), "test": None}
-        store.save(record)
+        return trainer.total_steps
 
     def step(job: Any) -> None:
         assert trainer is not None
@@ -181,31 +168,26 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
             trainer.detach()
         record.step, record.losses = trainer.steps_done, [trainer.losses]
         record.train_seconds = trainer.seconds
-        store.save(record)
 
-    try:
-        await on_engine(engine, start, True)
+    def done() -> bool:
         assert trainer is not None
-        while not trainer.done:
-            if cancel.is_set():
-                record.status, record.finished = "cancelled", time.time()
-                store.save(record)
-                return
-            await on_engine(engine, step, True)
-        interpreter = await on_engine(engine, lambda job: trainer.interpreter(), True)
+        return trainer.done
+
+    async def finish() -> None:  # several engine jobs: the held-out evaluation runs in chunks
+        assert trainer is not None
+        interpreter = await on_engine(engine, lambda job: trainer.interpreter())
         # Written before the held-out evaluation, so an evaluation that fails never loses L.
-        await on_engine(engine, lambda job: export(amp, store, record, req, interpreter), True)
+        await on_engine(engine, lambda job: export(amp, store, record, req, interpreter))
         if test_specs:
             record.result["test"] = await held_out(engine, amp, req, test_specs, test, interpreter, settings)
-        await on_engine(engine, lambda job: complete(amp, store, record, req), True)
-    except asyncio.CancelledError:
-        raise  # shutdown: the lifespan marks the record interrupted
-    except Exception as exc:  # a job failing never takes the server or other jobs down
-        log.exception("interpreter job %s failed", record.id)
-        record.status, record.error, record.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
-        store.save(record)
-    finally:
-        await on_engine(engine, lambda job: end(trainer, model, record.id), True)
+        if req.register_adapter:
+            await on_engine(engine, lambda job: register(amp, record))
+
+    await drive_steps(
+        engine, store, record, cancel,
+        start=start, step=step, done=done, finish=finish, end=lambda job: end(trainer, model, record.id),
+        kind="interpreter",
+    )
 
 
 async def held_out(
@@ -240,7 +222,7 @@ async def held_out(
         batch = req.batch_size
         return pairs_loss(amp.model, tokenizer, pairs, interpreter, question=req.question, batch_size=batch)
 
-    body["loss"] = await on_engine(engine, loss, True)
+    body["loss"] = await on_engine(engine, loss)
     return body
 
 
@@ -258,14 +240,11 @@ def export(amp: Any, store: JobStore, record: JobRecord, req: JobRequest, interp
     store.save(record)
 
 
-def complete(amp: Any, store: JobStore, record: JobRecord, req: JobRequest) -> None:
-    """Register L if asked and mark the job done."""
-    if req.register_adapter:
-        name = f"dit-{record.id}"
-        amp.load_adapter(name, record.outputs[RESULT], replace=True)
-        record.registered[RESULT] = name
-    record.status, record.finished = "done", time.time()
-    store.save(record)
+def register(amp: Any, record: JobRecord) -> None:
+    """Register L under the job's name (the record is saved when the job is marked done)."""
+    name = f"dit-{record.id}"
+    amp.load_adapter(name, record.outputs[RESULT], replace=True)
+    record.registered[RESULT] = name
 
 
 def end(trainer: InterpreterTrainer | None, model: Any, job_id: str) -> None:

@@ -11,9 +11,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from lda.jobs import ACTIVE, JobRecord, JobStore
 from weightdiff import describe, normalise
 from weightdiff.interpret_train import encode_pair
-from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 
 from app.amplification_lens.jobs import text_side
 from app.api.background import start_job

@@ -6,49 +6,38 @@ steps; the trainer's wrappers are attached only inside a step. Records live on d
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
 from typing import Any
 
+from lda.jobs import JobRecord, JobStore
 from weightdiff import Task, Trainer, export_dit, export_peft, unwrap
-from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 
 from app.amplification_lens.jobs import text_side
-from app.engine import QueueFullError
+from app.api.background import drive_steps
+from app.api.background import on_engine as _on_engine  # noqa: F401  (app/diffing_lens/jobs.py imports it)
 from app.weightdiff_lens.schemas import JobRequest
 
 log = logging.getLogger(__name__)
 
 
-async def _on_engine(engine: Any, fn: Any) -> Any:
-    """Run one engine job, waiting politely while the queue is full (training is background work)."""
-    while True:
-        try:
-            return await engine.run(fn, background=True)
-        except QueueFullError:
-            await asyncio.sleep(0.2)
-
-
 async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.Event) -> None:
-    """Start, step and finish one job; every state change is written to disk."""
+    """Train one job step by step (`drive_steps`), then export (and register) its adapters."""
     store: JobStore = app.state.jobs
-    engine, amp = app.state.engine, app.state.amplifier
+    amp = app.state.amplifier
     model, side = amp.model, text_side(amp.pair)
     trainer: Trainer | None = None
 
-    def start(job: Any) -> None:
+    def start(job: Any) -> int:
         nonlocal trainer
         tasks = [
             Task(samples=t.library_samples(), seed=t.seed, name=n) for t, n in zip(req.tasks, req.task_names)
         ]
-        # Held here, on the engine thread, the moment it exists: `finally` below closes it even
-        # when what follows fails or the await on this job is cancelled.
+        # Held here, on the engine thread, the moment it exists: `end` closes it even when what
+        # follows fails or the await on this job is cancelled.
         trainer = Trainer(model, side.tokenizer, tasks, req.train_config())
         trainer.detach()
-        record.status, record.started, record.total_steps = "running", time.time(), trainer.total_steps
-        store.save(record)
+        return trainer.total_steps
 
     def step(job: Any) -> None:
         assert trainer is not None
@@ -58,7 +47,6 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
         finally:
             trainer.detach()
         record.step, record.losses, record.train_seconds = trainer.steps_done, trainer.losses, trainer.seconds
-        store.save(record)
 
     def finish(job: Any) -> None:
         assert trainer is not None
@@ -72,32 +60,20 @@ async def drive(app: Any, record: JobRecord, req: JobRequest, cancel: threading.
                 adapter = f"wd-{record.id}-{name}"
                 amp.load_adapter(adapter, str(path), replace=True)
                 record.registered[name] = adapter
-        record.status, record.finished = "done", time.time()
-        store.save(record)
 
     def end(job: Any) -> None:
         if trainer is not None:
             trainer.close()
         unwrap_leftovers(model, record.id)
 
-    try:
-        await _on_engine(engine, start)
+    def done() -> bool:
         assert trainer is not None
-        while not trainer.done:
-            if cancel.is_set():
-                record.status, record.finished = "cancelled", time.time()
-                store.save(record)
-                return
-            await _on_engine(engine, step)
-        await _on_engine(engine, finish)
-    except asyncio.CancelledError:
-        raise  # shutdown: the lifespan marks the record interrupted
-    except Exception as exc:  # a job failing never takes the server or other jobs down
-        log.exception("weight-diff job %s failed", record.id)
-        record.status, record.error, record.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
-        store.save(record)
-    finally:
-        await _on_engine(engine, end)
+        return trainer.done
+
+    await drive_steps(
+        app.state.engine, store, record, cancel,
+        start=start, step=step, done=done, finish=finish, end=end, kind="weight-diff",
+    )
 
 
 def unwrap_leftovers(model: Any, job_id: str) -> list[str]:
@@ -113,12 +89,3 @@ def unwrap_leftovers(model: Any, job_id: str) -> list[str]:
             job_id, len(left), left[0],
         )
     return left
-
-
-def interrupt_active(store: JobStore) -> None:
-    """At shutdown: jobs still queued or running are reported interrupted, never lost."""
-    for record in store.list():
-        if record.status in ACTIVE:
-            record.error = f"the server shut down at step {record.step}"
-            record.status, record.finished = "interrupted", time.time()
-            store.save(record)

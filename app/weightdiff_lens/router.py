@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from weightdiff.jobs import ACTIVE, JobRecord, JobStore
+from lda.jobs import ACTIVE, JobRecord, JobStore
 from weightdiff.lora import select_targets
 
 from app.api.background import start_job

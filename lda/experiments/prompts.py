@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from amplification.paths import Unreachable, reach
+from lda.paths import Unreachable, reach
 
 JsonPrompt = str | list[dict[str, Any]]
 # (path, split, name) -> the split's rows as {column: value}, read lazily as they are iterated

@@ -22,7 +22,6 @@ import copy
 import functools
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lda.experiments.spec import ExperimentSpec
-from weightdiff.jobs import write_json_atomic
+from lda.jobs import RecordStore, write_json_atomic
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "cancelled")
@@ -89,27 +88,17 @@ class ExperimentRecord:
         return ExperimentSpec.from_dict(self.spec)
 
 
-class ExperimentStore:
+class ExperimentStore(RecordStore[ExperimentRecord]):
     """Experiment records under `root/<id>/`; readers on any thread get copies, never live records
     (the copies share the record's `spec` dict, which nobody changes after `create`)."""
 
+    FILE = "experiment.json"
+
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # guards the dicts readers copy from
         self._write_lock = threading.RLock()  # serializes the read-modify-write methods
-        self._records: dict[str, ExperimentRecord] = {}
         self._specs: dict[str, ExperimentSpec] = {}  # parsed once per experiment, on first use
         self._spec_files: set[str] = set()  # ids whose spec.json exists: their records omit the spec
-        for path in sorted(self.root.glob("*/experiment.json")):
-            try:
-                record = self._load(path)
-            except (OSError, ValueError, TypeError):
-                continue  # a foreign or damaged file must not hide the other experiments
-            self._records[record.id] = record
-
-    def dir(self, exp_id: str) -> Path:
-        return self.root / exp_id
+        super().__init__(root)  # loads the records (`_load`), skipping foreign or damaged files
 
     def samples_path(self, exp_id: str) -> Path:
         return self.dir(exp_id) / "samples.jsonl"
@@ -132,12 +121,7 @@ class ExperimentStore:
             self._spec_files.add(record.id)
             self._specs[record.id] = spec
         self._save(record)
-        return _copy(record)
-
-    def get(self, exp_id: str) -> ExperimentRecord | None:
-        with self._lock:
-            record = self._records.get(exp_id)
-            return _copy(record) if record is not None else None
+        return self._copy(record)
 
     def spec(self, exp_id: str) -> ExperimentSpec:
         """The experiment's parsed spec, parsed on first use and kept (a spec never changes)."""
@@ -155,10 +139,6 @@ class ExperimentStore:
             raise KeyError(exp_id)
         return record
 
-    def list(self) -> list[ExperimentRecord]:
-        with self._lock:
-            return [_copy(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
-
     @_serialized
     def recover(self) -> list[str]:
         """At startup: mark experiments left running as interrupted; return the ids to resume.
@@ -166,13 +146,11 @@ class ExperimentStore:
         The ids are those queued or interrupted (not failed: a failure needs `requeue` by a person),
         oldest first.
         """
-        for record in self.list():
-            if record.status == "running":
-                record.status = "interrupted"
-                record.error = (
-                    f"the server stopped while the experiment was running (at sample {record.done})"
-                )
-                self._save(record, strict=False)
+        def why(record: ExperimentRecord) -> str:
+            return f"the server stopped while the experiment was running (at sample {record.done})"
+
+        for record in self._interrupted(("running",), why):
+            self._save(record, strict=False)
         return [r.id for r in self.list() if r.status in ("queued", "interrupted")]
 
     @_serialized
@@ -269,14 +247,10 @@ class ExperimentStore:
 
     @_serialized
     def delete(self, exp_id: str) -> None:
-        record = self.require(exp_id)
-        if record.status == "running":
-            raise ValueError(f"experiment {exp_id} is running; cancel it first")
+        self._remove(exp_id, ("running",), lambda r: f"experiment {exp_id} is running; cancel it first")
         with self._lock:
-            del self._records[exp_id]
             self._specs.pop(exp_id, None)
             self._spec_files.discard(exp_id)
-        shutil.rmtree(self.dir(exp_id), ignore_errors=True)
 
     def _append(self, record: ExperimentRecord, data: bytes, chunk: range) -> None:
         path = self.samples_path(record.id)
@@ -327,20 +301,18 @@ class ExperimentStore:
 
         With strict=False a failed write still updates memory (used when recording a failure).
         """
-        snapshot = _copy(record)
+        snapshot = self._copy(record)
         # The spec lives in spec.json; only a record from before spec.json keeps it inline.
         omit = ("spec",) if record.id in self._spec_files else ()
         data = {f.name: getattr(snapshot, f.name) for f in fields(snapshot) if f.name not in omit}
         try:
-            write_json_atomic(self.dir(record.id) / "experiment.json", data)
+            write_json_atomic(self.dir(record.id) / self.FILE, data)
         except OSError as exc:
             if strict:
                 raise ExperimentStoreError(f"saving experiment {record.id} failed: {exc}") from exc
-        with self._lock:
-            self._records[record.id] = snapshot
+        self._publish(snapshot)
 
-
-def _copy(record: ExperimentRecord) -> ExperimentRecord:
-    """A deep copy sharing the spec dict: it never changes after `create`, and copying 100k
-    prompts for every chunk and every GET was most of a chunk's bookkeeping."""
-    return copy.deepcopy(record, {id(record.spec): record.spec})
+    def _copy(self, record: ExperimentRecord) -> ExperimentRecord:
+        """A deep copy sharing the spec dict: it never changes after `create`, and copying 100k
+        prompts for every chunk and every GET was most of a chunk's bookkeeping."""
+        return copy.deepcopy(record, {id(record.spec): record.spec})
