@@ -51,6 +51,18 @@ def start_job(
             f"each kind of job): delete finished ones with DELETE {route}/JOB_ID?purge=true",
         )
     record = store.create(spec, outputs)
+    run_job_task(request, record, cancels, drive)
+    return {"id": record.id, "status": record.status}
+
+
+def run_job_task(
+    request: Request,
+    record: JobRecord,
+    cancels: dict[str, threading.Event],
+    drive: Callable[[JobRecord, threading.Event], Coroutine[Any, Any, None]],
+) -> None:
+    """Start `drive(record, cancel)` as a task the lifespan cancels at shutdown (a new job, or a
+    stopped one resumed); its cancel flag lives in `cancels` while it runs."""
     cancel = cancels[record.id] = threading.Event()
     task = asyncio.create_task(drive(record, cancel))
     tasks: set[asyncio.Task[Any]] = request.app.state.job_tasks
@@ -58,7 +70,6 @@ def start_job(
     # A finished job needs no cancel flag: drop it, so the map holds only jobs still running.
     task.add_done_callback(lambda _: cancels.pop(record.id, None))
     task.add_done_callback(tasks.discard)
-    return {"id": record.id, "status": record.status}
 
 
 async def on_engine(engine: Any, fn: Callable[[Job], Any], background: bool = True) -> Any:

@@ -21,9 +21,9 @@ from lda import Row
 from lda.diffing.threshold import SearchTrace, search_threshold
 from lda.sampling import SamplingParams
 
+from app.api.background import on_engine
 from app.api.generation import Usage, in_batches
 from app.diffing_lens.steering import Steering, steer_target
-from app.weightdiff_lens.jobs import _on_engine
 
 # What the toolkit steers with when it looks for the strongest coherent strength.
 THRESHOLD_PROMPTS = (
@@ -138,7 +138,7 @@ async def steered_texts(app: Any, steerings: Sequence[Steering], prompt: str, n:
             texts.append([o.text for o in outputs])
         return texts
 
-    return await _on_engine(engine, run)
+    return await on_engine(engine, run)
 
 
 async def find_threshold(app: Any, grader: Grader, unit: Steering, search: SteeringSearch) -> dict[str, Any]:

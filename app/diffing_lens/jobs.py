@@ -3,14 +3,17 @@ run between batches; the streaming state lives in the driver, the record on disk
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from pydantic import TypeAdapter
 
 from lda.diffing import mine
 from lda.diffing.adl import ADLConfig, ADLPass
@@ -18,16 +21,20 @@ from lda.diffing.adl_files import write_adl
 from lda.diffing.inputs import Sample, chat_positions, resolve_layer, tokenize_chats, tokenize_texts
 from weightdiff.jobs import JobRecord, JobStore, write_json_atomic
 
+from app.api.background import drive_steps, on_engine
 from app.diffing_lens.adl_grading import grade_adl
 from app.diffing_lens.names import RESULT, RUN_DIR, TOKEN_STATS, ZIP
-from app.diffing_lens.schemas import ADLRequest, LogitDiffRequest
-from app.weightdiff_lens.jobs import _on_engine
+from app.diffing_lens.schemas import ADLRequest, DiffingRequest, LogitDiffRequest
 
 log = logging.getLogger(__name__)
 
 # What GET /diffing/jobs/{id} shows of the lists a result keeps (the rest: GET .../result).
 SHOWN = 10
+CHECKPOINT = "checkpoint.pt"
+# How often the streamed state is saved: a job stopped by a restart resumes from there.
+CHECKPOINT_SECONDS = 30.0
 Request = LogitDiffRequest | ADLRequest
+_REQUEST: TypeAdapter[Any] = TypeAdapter(DiffingRequest)
 
 
 def tokenize(tokenizer: Any, rows: Sequence[Any], req: Request) -> list[Sample]:
@@ -64,9 +71,10 @@ def adl_layers(req: ADLRequest, model: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(layers))
 
 
-def make_pass(req: Request, pair: Any, samples: Sequence[Sample], work: Path) -> Any:
+def make_pass(req: Request, pair: Any, samples: Sequence[Sample], work: Path, resume: bool = False) -> Any:
     if isinstance(req, LogitDiffRequest):
-        return mine.LogitDiffPass(pair, mine_config(req), work, mine.mining_width(pair, req.drop_new_tokens))
+        width = mine.mining_width(pair, req.drop_new_tokens)
+        return mine.LogitDiffPass(pair, mine_config(req), work, width, resume=resume)
     config = ADLConfig(
         layers=adl_layers(req, pair.after.model),
         labels=labels(req, samples),
@@ -114,28 +122,54 @@ def _short_position(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != "patchscope"} | {"logit_lens": lens}
 
 
-async def drive(app: Any, record: JobRecord, req: Request, samples: list[Sample], cancel: threading.Event) -> None:
-    """Start, reduce batch by batch, finish; every state change is written to disk."""
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> None:
+    """`work/checkpoint.pt`, written whole or not at all."""
+    path = folder / "work" / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"step": step, "state": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    path = folder / "work" / CHECKPOINT
+    # Our own file (tensors, lists of dicts): not a weights-only load.
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+async def drive(
+    app: Any, record: JobRecord, req: Request, samples: list[Sample], cancel: threading.Event, resume: bool = False
+) -> None:
+    """Start (or continue from the last checkpoint), reduce batch by batch, finish; the streamed
+    state is saved every CHECKPOINT_SECONDS and whenever the job stops unfinished."""
     store: JobStore = app.state.diffing_jobs
     engine, pair = app.state.engine, app.state.pair
     folder = store.dir(record.id)
     batches = [samples[i : i + req.batch_size] for i in range(0, len(samples), req.batch_size)]
     state: Any = None
+    saved_at = time.monotonic()
 
-    def start(job: Any) -> None:
+    def start(job: Any) -> int:
         nonlocal state
-        state = make_pass(req, pair, samples, folder / "work")
-        record.status, record.started, record.total_steps = "running", time.time(), len(batches)
-        store.save(record)
+        checkpoint = load_checkpoint(folder) if resume else None
+        state = make_pass(req, pair, samples, folder / "work", resume=checkpoint is not None)
+        record.step, record.error, record.finished = 0, None, None
+        if checkpoint is not None:
+            state.restore(checkpoint["state"])
+            record.step = checkpoint["step"]
+        return len(batches)
 
     def step(job: Any) -> None:
+        nonlocal saved_at
         began = time.perf_counter()
         state.add(batches[record.step])
         record.step += 1
         record.train_seconds += time.perf_counter() - began
-        store.save(record)
+        if time.monotonic() - saved_at >= CHECKPOINT_SECONDS and record.step < len(batches):
+            save_checkpoint(folder, record.step, state.state())
+            saved_at = time.monotonic()
 
-    def finish(job: Any) -> dict[str, Any]:
+    def write(job: Any) -> dict[str, Any]:
         meta = metadata(record, req, pair)
         if isinstance(state, ADLPass):
             return write_adl(state, folder / RUN_DIR, req.dataset_name, meta)
@@ -148,30 +182,22 @@ async def drive(app: Any, record: JobRecord, req: Request, samples: list[Sample]
         mine.zip_dir(folder / RUN_DIR, folder / ZIP)
         record.result = result
         record.outputs = {"run": str(folder / RUN_DIR), "zip": str(folder / ZIP)}
-        record.status, record.finished = "done", time.time()
-        store.save(record)
 
-    try:
-        await _on_engine(engine, start)
-        while record.step < len(batches):
-            if cancel.is_set():
-                record.status, record.finished = "cancelled", time.time()
-                store.save(record)
-                return
-            await _on_engine(engine, step)
-        result = await _on_engine(engine, finish)
+    async def finish() -> None:
+        result = await on_engine(engine, write)
         if isinstance(req, ADLRequest) and req.grader is not None:
             record.result = {"phase": "grading"}
             store.save(record)
             transport = getattr(app.state, "grader_transport", None)  # tests answer without a network
             result = await grade_adl(app, record.id, req, folder / RUN_DIR, result, transport)
-        publish(result)
-    except asyncio.CancelledError:
-        raise  # shutdown: the lifespan marks the record interrupted
-    except Exception as exc:  # a job failing never takes the server or other jobs down
-        log.exception("diffing job %s failed", record.id)
-        record.status, record.error, record.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
-        store.save(record)
+        await on_engine(engine, lambda job: publish(result))
+
+    def end(job: Any) -> None:
+        if state is not None and record.status != "done" and 0 < record.step < len(batches):
+            save_checkpoint(folder, record.step, state.state())  # resumable from here
+
+    await drive_steps(engine, store, record, cancel, start=start, step=step,
+                      done=lambda: record.step >= len(batches), finish=finish, end=end, kind="diffing")  # fmt: skip
 
 
 def mine_config(req: LogitDiffRequest) -> mine.PassConfig:
@@ -203,6 +229,14 @@ def metadata(record: JobRecord, req: Request, pair: Any) -> dict[str, Any]:
     if isinstance(req, ADLRequest):
         return common | {"method": "activation_difference_lens", "layers": list(adl_layers(req, pair.after.model))}
     return common | {"method": "diff_mining", "logit_extraction": "logits", "top_k": req.top_k}
+
+
+def request_from_spec(spec: dict[str, Any], api_key: str | None = None) -> Request:
+    """The request a stored spec came from (its rows as `texts`), to run it again."""
+    body = {k: v for k, v in spec.items() if k not in ("rows", "source")} | {"texts": spec["rows"]}
+    if body.get("grader") is not None:
+        body["grader"] = dict(body["grader"]) | {"api_key": api_key}
+    return _REQUEST.validate_python(body)
 
 
 def read_result(folder: Path) -> dict[str, Any]:

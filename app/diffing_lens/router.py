@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from lda.diffing.adl import VECTORS
 from lda.diffing.adl_files import load_vectors, steering_vector
@@ -15,10 +16,10 @@ from lda.diffing.mine import mining_width
 from lda.experiments.prompts import resolve_prompts
 from weightdiff.jobs import ACTIVE, JobRecord, JobStore
 
-from app.api.background import start_job
+from app.api.background import run_job_task, start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
 from app.api.schemas import ERRORS, not_found
-from app.diffing_lens.jobs import adl_layers, drive, public, read_result, tokenize
+from app.diffing_lens.jobs import adl_layers, drive, public, read_result, request_from_spec, tokenize
 from app.diffing_lens.names import RUN_DIR, TOKEN_STATS, ZIP
 from app.diffing_lens.schemas import DiffingRequest, LogitDiffRequest
 
@@ -166,6 +167,30 @@ async def result_file(job_id: str, path: str, request: Request) -> Response:
     if root not in target.parents or not target.is_file():
         raise FileNotFoundError(f"no file {path!r} in diffing job {job_id!r}")
     return FileResponse(target)
+
+
+class ResumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    api_key: str | None = Field(None, description="the grader's key again (it is never stored)")
+
+
+@router.post("/diffing/jobs/{job_id}/resume", status_code=202, responses=not_found("job") | ERRORS)
+async def resume(job_id: str, request: Request, pair: PairDep, body: ResumeBody | None = None) -> Any:
+    """Continue an interrupted, cancelled or failed job from its last checkpoint (saved every
+    30 s and at cancel); the result equals an uninterrupted run's."""
+    spec = _record(request, job_id).spec
+    req = request_from_spec(spec, body.api_key if body else None)
+    samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, spec["rows"], req)
+    # Checked after the await, with none before the start: two resumes cannot both start it.
+    record, app = _record(request, job_id), request.app
+    if record.status not in ("interrupted", "cancelled", "failed") or job_id in app.state.diffing_cancels:
+        raise ValueError(f"resume: job {job_id!r} is {record.status}; only interrupted, cancelled or failed jobs resume")
+    run_job_task(request, record, app.state.diffing_cancels,
+                 lambda rec, cancel: drive(app, rec, req, samples, cancel, resume=True))  # fmt: skip
+    record.status = "queued"
+    _store(request).save(record)
+    return {"id": job_id, "status": "queued"}
 
 
 @router.delete("/diffing/jobs/{job_id}", responses=not_found("job"))

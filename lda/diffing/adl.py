@@ -182,6 +182,17 @@ class ADLPass:
         self.means.count(analysed(samples, width)[1].to(self.means.counts.device))
         self.samples += len(samples)
 
+    def state(self) -> dict[str, Any]:
+        """A checkpoint of the sums so far (`restore` continues from it)."""
+        m = self.means
+        return {"sums": m.sums, "norms": m.norms, "counts": m.counts, "norm_count": m.norm_count, "samples": self.samples}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        m, device = self.means, self.means.counts.device
+        m.sums = {layer: {side: t.to(device) for side, t in sides.items()} for layer, sides in state["sums"].items()}
+        m.norms, m.counts, m.norm_count = state["norms"], state["counts"].to(device), state["norm_count"]
+        self.samples = state["samples"]
+
     def vectors(self, layer: int) -> dict[str, Any]:
         """The means at `layer`, [P, d] each, and the mean norms."""
         return {

@@ -8,6 +8,7 @@ std, the lower median (`torch.median`), min, max and linear-interpolated percent
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,24 @@ def kl_statistics(values: np.ndarray) -> dict[str, float]:
 class KLRecorder:
     """Appends per-position KL values and per-sample means to `{prefix}.tokens.f32` / `.samples.f32`."""
 
-    def __init__(self, prefix: Path) -> None:
+    def __init__(self, prefix: Path, fresh: bool = True) -> None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         self.tokens_path = prefix.with_name(prefix.name + ".tokens.f32")
         self.samples_path = prefix.with_name(prefix.name + ".samples.f32")
         for path in (self.tokens_path, self.samples_path):
-            path.write_bytes(b"")
+            if fresh or not path.exists():
+                path.write_bytes(b"")
+
+    def sizes(self) -> tuple[int, int]:
+        """Bytes written so far (a checkpoint's mark)."""
+        return self.tokens_path.stat().st_size, self.samples_path.stat().st_size
+
+    def restore(self, sizes: tuple[int, int]) -> None:
+        """Continue from a checkpoint: what was appended after it (`sizes`) is cut off."""
+        for path, size in zip((self.tokens_path, self.samples_path), sizes, strict=True):
+            if path.stat().st_size < size:
+                raise ValueError(f"{path.name} is shorter than its checkpoint ({path.stat().st_size} < {size} bytes)")
+            os.truncate(path, size)
 
     def add(self, kl: torch.Tensor, valid: torch.Tensor) -> None:
         """`kl` [B, P]; a sample's mean is over its valid positions (0 when it has none, as the toolkit)."""

@@ -51,11 +51,13 @@ def mining_width(pair: Any, drop_new_tokens: bool = True) -> int:
 class LogitDiffPass:
     """Streaming logit-diff mining + KL + likelihood ratios over one dataset."""
 
-    def __init__(self, pair: Any, config: PassConfig, work_dir: Path, width: int | None = None) -> None:
+    def __init__(
+        self, pair: Any, config: PassConfig, work_dir: Path, width: int | None = None, resume: bool = False
+    ) -> None:
         self.pair, self.config = pair, config
         self.width = width or mining_width(pair)
         self.tokenizer = pair.after.tokenizer
-        self.miner = Miner(self.width, config, work_dir, device=input_device(pair.after.model))
+        self.miner = Miner(self.width, config, work_dir, device=input_device(pair.after.model), resume=resume)
         self.triples: NmfTriples | None = None
         if config.nmf is not None:
             triples = self.triples = NmfTriples(config.nmf.get("mode", "logit_diff_magnitude"))
@@ -69,6 +71,15 @@ class LogitDiffPass:
 
     def token_stats(self) -> TokenStats:
         return self.miner.token_stats()
+
+    def state(self) -> dict[str, Any]:
+        """A checkpoint of everything streamed so far (`restore` continues from it)."""
+        return {"miner": self.miner.state(), "nmf": vars(self.triples).copy() if self.triples is not None else None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.miner.restore(state["miner"])
+        if self.triples is not None and state["nmf"] is not None:
+            vars(self.triples).update(state["nmf"])
 
     def finish(self, run_dir: Path, dataset: str, metadata: dict[str, Any]) -> dict[str, Any]:
         """Write the toolkit's layout under `run_dir`; return the result (orderings, KL, examples)."""

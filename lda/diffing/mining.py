@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lda.diffing.inputs import Sample, analysed
@@ -122,13 +121,16 @@ def next_tokens(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, to
 class Miner:
     """Streaming state of one mining pass; `add` each batch, then read the results."""
 
-    def __init__(self, vocab_size: int, config: MiningConfig, work_dir: Path, device: torch.device | str = "cpu"):
+    def __init__(
+        self, vocab_size: int, config: MiningConfig, work_dir: Path, device: torch.device | str = "cpu",
+        resume: bool = False,
+    ) -> None:  # fmt: skip
         if not 1 <= config.top_k <= vocab_size:
             raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {config.top_k}")
         self.config = config
         self.stats = TokenStats.zeros(vocab_size, device)
-        self.kl = KLRecorder(work_dir / "kl_forward")
-        self.kl_rev = KLRecorder(work_dir / "kl_reverse") if config.kl_reverse else None
+        self.kl = KLRecorder(work_dir / "kl_forward", fresh=not resume)
+        self.kl_rev = KLRecorder(work_dir / "kl_reverse", fresh=not resume) if config.kl_reverse else None
         self.by_max = _TopList(config.examples)
         self.by_mean = _TopList(config.examples)
         self.windows = _TopList(config.llr_top)
@@ -217,6 +219,29 @@ class Miner:
                         "logprob_diff": la - lb,
                     },
                 )
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (the KL files are marked by their sizes, not copied)."""
+        return {
+            "stats": self.token_stats(),
+            "lists": {name: (t._heap, t._seen) for name, t in self._lists().items()},
+            "num_windows": self.num_windows,
+            "kl": self.kl.sizes(),
+            "kl_reverse": self.kl_rev.sizes() if self.kl_rev is not None else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint taken by `state()` (the Miner built with `resume=True`)."""
+        self.stats = state["stats"].to(self.stats.sum_logit_diff.device)
+        for name, top in self._lists().items():
+            top._heap, top._seen = state["lists"][name]
+        self.num_windows = state["num_windows"]
+        self.kl.restore(state["kl"])
+        if self.kl_rev is not None:
+            self.kl_rev.restore(state["kl_reverse"])
+
+    def _lists(self) -> dict[str, _TopList]:
+        return {"by_max": self.by_max, "by_mean": self.by_mean, "windows": self.windows}
 
     def token_stats(self) -> TokenStats:
         return self.stats.cpu()

@@ -53,16 +53,19 @@ class TokenStats:
             self.topk_neg_counts + other.topk_neg_counts.to(self.topk_neg_counts.device),
         )
 
-    def cpu(self) -> TokenStats:
+    def to(self, device: torch.device | str) -> TokenStats:
         return TokenStats(
             self.vocab_size,
             self.total_positions,
             self.num_samples,
-            self.sum_logit_diff.cpu(),
-            self.count_positive.cpu(),
-            self.topk_pos_counts.cpu(),
-            self.topk_neg_counts.cpu(),
+            self.sum_logit_diff.to(device),
+            self.count_positive.to(device),
+            self.topk_pos_counts.to(device),
+            self.topk_neg_counts.to(device),
         )
+
+    def cpu(self) -> TokenStats:
+        return self.to("cpu")
 
     def to_json(self) -> dict[str, Any]:
         """The arrays as lists, under the toolkit's names (`GET /diffing/jobs/{id}/token_stats`)."""
