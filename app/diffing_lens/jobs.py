@@ -19,7 +19,7 @@ from lda.diffing import mine
 from lda.diffing.adl import ADLConfig, ADLPass
 from lda.diffing.adl_files import write_adl
 from lda.diffing.inputs import Sample, chat_positions, resolve_layer, tokenize_chats, tokenize_texts
-from weightdiff.jobs import JobRecord, JobStore, write_json_atomic
+from lda.jobs import JobRecord, JobStore, write_json_atomic
 
 from app.api.background import drive_steps, on_engine
 from app.diffing_lens.adl_grading import grade_adl

@@ -14,7 +14,7 @@ from lda.diffing.adl_files import load_vectors, steering_vector
 from lda.diffing.inputs import resolve_layer
 from lda.diffing.mine import mining_width
 from lda.experiments.prompts import resolve_prompts
-from weightdiff.jobs import ACTIVE, JobRecord, JobStore
+from lda.jobs import ACTIVE, JobRecord, JobStore
 
 from app.api.background import run_job_task, start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
