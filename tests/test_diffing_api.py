@@ -242,3 +242,18 @@ def test_an_empty_dataset_is_a_422(client, tmp_path):
     (folder / "train.jsonl").write_text("")
     r = client.post("/diffing/jobs", json={"method": "logit_diff", "dataset": {"path": str(folder)}})
     assert r.status_code == 422 and "dataset" in r.text, r.text
+
+
+def test_max_diffing_rows_bounds_a_job(tiny_dirs, tmp_path):
+    from tests.test_api import make_settings
+
+    with TestClient(create_app(make_settings(tiny_dirs, tmp_path, max_diffing_rows=3))) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["limits"]["max_diffing_rows"] == 3
+        for body, field in (({"texts": ["a b c d"] * 4}, "texts"), ({"texts": ["a b c d"], "max_samples": 4}, "max_samples")):
+            r = c.post("/diffing/jobs", json={"method": "logit_diff", "max_tokens_per_sample": 2} | body)
+            assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+        r = c.post("/diffing/jobs", json={"method": "logit_diff", "texts": ["a b c d"] * 3,
+                                          "max_tokens_per_sample": 2, "top_k": 2})  # fmt: skip
+        assert r.status_code == 202, r.text  # the default 8192 samples capped at the limit
+        assert c.get(f"/diffing/jobs/{r.json()['id']}").json()["spec"]["max_samples"] == 3

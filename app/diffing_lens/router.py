@@ -47,8 +47,11 @@ async def submit(
     req: DiffingRequest, request: Request, pair: PairDep, engine: EngineDep, settings: SettingsDep
 ) -> Any:
     """Start a diffing job on the pair; returns the job id at once (poll GET /diffing/jobs/{id})."""
-    if req.max_samples > settings.max_diffing_rows:
-        raise ValueError(f"max_samples: must be <= {settings.max_diffing_rows} (MAX_DIFFING_ROWS), got {req.max_samples}")
+    limit = settings.max_diffing_rows
+    if "max_samples" not in req.model_fields_set:
+        req.max_samples = min(req.max_samples, limit)  # the toolkit's default, within the server's bound
+    elif req.max_samples > limit:
+        raise ValueError(f"max_samples: must be <= {limit} (MAX_DIFFING_ROWS), got {req.max_samples}")
     if isinstance(req, LogitDiffRequest):
         width = mining_width(pair, req.drop_new_tokens)
         if req.top_k > width:

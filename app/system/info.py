@@ -82,6 +82,7 @@ def info_body(
             "max_weightdiff_jobs": settings.max_weightdiff_jobs,
             "max_dit_pairs": settings.max_dit_pairs,
             "max_describe_diffs": settings.max_describe_diffs,
+            "max_diffing_rows": settings.max_diffing_rows,
             "max_adapters": settings.max_adapters,
             "max_adapter_bytes": settings.max_adapter_bytes,
             "allow_hub_adapters": settings.allow_hub_adapters,
