@@ -4,6 +4,7 @@ an uninterrupted run's (same batches in the same order, so the same sums bit for
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -35,16 +36,23 @@ def comparable(client, job_id, method):
     return result, client.get(f"/diffing/jobs/{job_id}/token_stats").json()
 
 
+def reference_and_started(client, body: dict, steps: int) -> tuple[str, str]:
+    """A job run whole, and the same job started and left running past `steps` batches."""
+    texts = demo_texts(client.app.state.pair.after.tokenizer, 60, seed=2)
+    whole = client.post("/diffing/jobs", json=body | {"texts": texts}).json()["id"]
+    assert wait_job(client, whole)["status"] == "done"
+    job = client.post("/diffing/jobs", json=body | {"texts": texts}).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/diffing/jobs/{job}").json()["step"] < steps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return whole, job
+
+
 @pytest.mark.parametrize("body", [MINING, ADL], ids=["logit_diff", "adl"])
 def test_a_cancelled_job_resumes_to_the_uninterrupted_result(data_dir, body):
     with TestClient(create_app(Settings(data_dir=data_dir))) as client:
         wait_ready(client)
-        texts = demo_texts(client.app.state.pair.after.tokenizer, 60, seed=2)
-        whole = client.post("/diffing/jobs", json=body | {"texts": texts}).json()["id"]
-        assert wait_job(client, whole)["status"] == "done"
-        job = client.post("/diffing/jobs", json=body | {"texts": texts}).json()["id"]
-        while client.get(f"/diffing/jobs/{job}").json()["step"] < 5:
-            pass
+        whole, job = reference_and_started(client, body, 5)
         client.delete(f"/diffing/jobs/{job}")
         stopped = wait_job(client, job)
         assert stopped["status"] == "cancelled" and 5 <= stopped["step"] < 30
@@ -62,12 +70,7 @@ def test_a_cancelled_job_resumes_to_the_uninterrupted_result(data_dir, body):
 def test_a_job_stopped_by_a_restart_resumes(data_dir):
     with TestClient(create_app(Settings(data_dir=data_dir))) as client:
         wait_ready(client)
-        texts = demo_texts(client.app.state.pair.after.tokenizer, 60, seed=2)
-        whole = client.post("/diffing/jobs", json=MINING | {"texts": texts}).json()["id"]
-        assert wait_job(client, whole)["status"] == "done"
-        job = client.post("/diffing/jobs", json=MINING | {"texts": texts}).json()["id"]
-        while client.get(f"/diffing/jobs/{job}").json()["step"] < 3:
-            pass
+        whole, job = reference_and_started(client, MINING, 3)
     with TestClient(create_app(Settings(data_dir=data_dir))) as client:  # the restart
         wait_ready(client)
         stopped = client.get(f"/diffing/jobs/{job}").json()

@@ -10,7 +10,7 @@ from typing import Any
 
 from lda.diffing.forward import pair_logits
 from lda.diffing.inputs import Sample
-from lda.diffing.layout import nmf_dir_name, write_run, zip_dir
+from lda.diffing.layout import nmf_dir_name, ordering_json, write_run, zip_dir
 from lda.diffing.mining import Miner, MiningConfig
 from lda.diffing.nmf import NmfTriples, fit_topics
 from lda.diffing.orderings import fraction_positive_diff, top_k_occurring
@@ -147,27 +147,10 @@ class LogitDiffPass:
 
 
 def _ordering_json(result: Any) -> dict[str, Any]:
+    """An ordering type's orderings, each as the toolkit's `{ordering_id}.json` holds it."""
     return {
         "display_name": result.display_name,
         "x_axis_label": result.x_axis_label,
-        "orderings": [
-            {
-                "ordering_id": o.ordering_id,
-                "display_label": o.display_label,
-                "metadata": o.metadata,
-                "tokens": [
-                    {
-                        "token_id": t.token_id,
-                        "token_str": t.token_str,
-                        "ordering_value": t.ordering_value,
-                        "avg_logit_diff": t.avg_logit_diff,
-                        "count_positive": t.count_positive,
-                        "count_negative": t.count_negative,
-                    }
-                    for t in o.tokens
-                ],
-            }
-            for o in result.orderings
-        ],
+        "orderings": [ordering_json(o) for o in result.orderings],
         "type_metadata": result.type_metadata,
     }
