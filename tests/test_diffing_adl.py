@@ -294,3 +294,25 @@ def test_the_openai_routes_take_steer_as_an_extra(client, adl_job):
     r = client.post("/v1/completions", json={"model": "after", "prompt": "hi", "max_tokens": 2,
                                              "steer": steer | {"adl": "nope"}})  # fmt: skip
     assert r.status_code in (400, 422) and "steer.adl" in r.text, r.text
+
+
+def test_steered_and_plain_requests_decode_side_by_side_as_alone(client, adl_job):
+    """A steered request and a plain one in flight together (each in its running batch, the
+    engine stepping both) answer exactly as each does alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = {"prompt": "Tell me about a dog.", "alpha": 0.0, "max_new_tokens": 24, "temperature": 0.0, "seed": 3}
+    steered = base | {"steer": {"adl": adl_job["id"], "layer": 1.0, "position": 0, "strength": 1.5}}
+    both = {k: v for k, v in steered.items() if k != "alpha"} | {"alphas": [0.0, 2.0]}
+    bodies = [steered, base, both, base | {"alpha": 1.0}]
+
+    def text(body):
+        r = client.post("/generate_lda", json=body)
+        assert r.status_code == 200, r.text
+        return [row["completion"] for row in r.json()["results"]]
+
+    alone = [text(b) for b in bodies]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(text, bodies))
+    assert together == alone
+    assert alone[0] != alone[1]
