@@ -52,6 +52,8 @@ def test_tiny_cpu_mode_reports_every_section(tmp_path):
         "bench_weightdiff.batched_over_sequential_T4",
         "bench_dit.interpreter_step_over_stage1_step_T2",
         "bench_dit.describe_4_over_describe_1",
+        "bench_diffing.mining_over_two_forwards",
+        "bench_diffing.adl_over_two_forwards",
     ):
         assert headline[key] > 0, key
     assert headline["bench_amplification.ours_restore_exact"] is True

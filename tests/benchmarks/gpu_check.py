@@ -151,6 +151,8 @@ GPU_SECTIONS: dict[str, tuple[str, int]] = {
     ),
     # DIT's interpreter step over a stage-1 step (goal <= 1.3), describe of 64 diffs over 1 (<= 3)
     "bench_dit": ("--size 1b --device cuda --dtype bf16 --tasks 8 --describe 64 --steps 3 --repeats 2", 90),
+    # a logit-diff mining pass over two plain forwards (goal <= 1.2), an ADL pass, RSS as samples grow
+    "bench_diffing": ("--size 1b --device cuda --dtype bf16 --samples 256 --n 64 --batch 16 --grow 4 --repeats 2", 90),
 }
 TINY_SECTIONS: dict[str, tuple[str, int]] = {
     "bench_lda": ("--size tiny --device cpu --tokens 8 --rows 1 4 --repeats 1", 120),
@@ -165,6 +167,10 @@ TINY_SECTIONS: dict[str, tuple[str, int]] = {
     # fp32 on a CPU: every row must agree (the suite's exact claim), so the tiny run checks the script
     "bench_repro": ("--size tiny --device cpu --dtype fp32 --prompts 6 --tokens 6", 120),
     "bench_dit": ("--size tiny --device cpu --tasks 2 --describe 4 --steps 1 --repeats 1 --threads 1", 120),
+    "bench_diffing": (
+        "--size tiny --device cpu --samples 16 --n 16 --batch 8 --top-k 10 --grow 2 --repeats 1 --threads 1",
+        120,
+    ),
 }
 GPU_TESTS_LIMIT = 150
 REQUIRED_SECTIONS = ("environment", "gpu_tests", *GPU_SECTIONS)
