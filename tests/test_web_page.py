@@ -537,6 +537,142 @@ def test_a_diffing_job_on_too_short_texts_is_refused_at_the_field_and_a_job_can_
     assert not console_errors(page, allow=["status of 422"])
 
 
+# --- ADL jobs and steering -------------------------------------------------------------------
+
+
+def adl_tokens(element, selector):
+    """The tokens of a lens or patchscope cell, as the page shows them."""
+    return [t.text for t in element.find_elements(By.CSS_SELECTOR, f"{selector} .lens-tok .t")]
+
+
+def test_an_adl_job_shows_the_lens_and_the_patchscope_the_api_answers(page, server, demo_data_dir):
+    """ADL started from the form (method adl) on 100 demo texts: 16 positions, layer 1.0 (a fraction:
+    the last of the demo's 3 blocks, not block 1), the patchscope at position 0. The lens table's
+    first row is the API's logit lens of δ at position 0 and names the marker; the suppressed side
+    and the means switch in; the patchscope table at position 0 has the 30 scales, the first one's
+    tokens the API's; another position says where the patchscope ran; the vectors link answers."""
+    from transformers import AutoTokenizer
+
+    from app.demo import MARKER, ensure_demo_pair
+    from app.demo.build import demo_texts
+
+    texts = demo_texts(AutoTokenizer.from_pretrained(ensure_demo_pair(demo_data_dir).after), 100, seed=1)
+    page.get(f"{server}/?adl=1#diffing")
+    wait(page, lambda d: "demo/after" in d.find_element(By.ID, "models").text)
+    page.find_element(By.CSS_SELECTOR, "input[name='diff-method'][value='adl']").click()
+    assert not page.find_element(By.ID, "f-top_k").is_displayed()
+    page.execute_script("document.getElementById('f-texts').value = arguments[0]", json.dumps(texts))
+    for field, value in (("dataset_name", "demo"), ("max_tokens_per_sample", 16), ("layers", "1.0"),
+                         ("patchscope_positions", 0)):  # fmt: skip
+        set_value(page, f"f-{field}", value)
+    page.find_element(By.ID, "f-run").click()
+    wait(page, lambda d: status_is(d, "diff-detail", "done"))
+    job_id = page.find_element(By.CSS_SELECTOR, "#diff-list button.current").get_attribute("data-id")
+    job = httpx.get(f"{server}/diffing/jobs/{job_id}").json()
+    full = httpx.get(f"{server}/diffing/jobs/{job_id}/result").json()
+    assert job["spec"]["method"] == "adl" and job["spec"]["layers"] == [1.0] and job["spec"]["num_rows"] == 100
+    layer = job["result"]["layers"][0]
+    assert layer["layer"] == 2 and "block 2" in page.find_element(By.CSS_SELECTOR, "#diff-detail .diff-head").text
+
+    first = layer["positions"][0]
+    row = css(page, "table.adl-lens[data-layer='2'] tbody tr")[0]
+    assert row.get_attribute("data-position") == "0" and "current" in row.get_attribute("class")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[:3] == ["0", str(first["count"]), sig(first["delta_norm"])]
+    top = first["logit_lens"]["delta"]["pos"][:5]
+    assert adl_tokens(row, "td")[:5] == [visible_token(t["token"]) for t in top]
+    assert [p.text for p in row.find_elements(By.CSS_SELECTOR, ".lens-tok .p")][:5] == [sig(t["prob"]) for t in top]
+    assert visible_token(f" {MARKER}") in adl_tokens(row, "td")[:5]
+    assert len(css(page, "table.adl-lens[data-layer='2'] tbody tr")) == 16
+    for vector, sign in (("delta", "neg"), ("mean_after", "pos")):
+        Select(page.find_element(By.ID, "adl-vector")).select_by_value(vector)
+        Select(page.find_element(By.ID, "adl-sign")).select_by_value(sign)
+        row = css(page, "table.adl-lens[data-layer='2'] tbody tr")[0]
+        want = first["logit_lens"][vector][sign][:5]
+        assert adl_tokens(row, "td")[:5] == [visible_token(t["token"]) for t in want], (vector, sign)
+    Select(page.find_element(By.ID, "adl-vector")).select_by_value("delta")
+
+    scope = full["layers"][0]["positions"][0]["patchscope"]["delta"]
+    rows = css(page, "#adl-scope tbody tr")
+    assert len(rows) == len(scope) == 30
+    assert rows[0].get_attribute("data-scale") == str(scope[0]["scale"])
+    assert adl_tokens(rows[0], "td") == [visible_token(t["token"]) for t in scope[0]["tokens"][:8]]
+    Select(page.find_element(By.ID, "adl-sign")).select_by_value("neg")
+    rows = css(page, "#adl-scope tbody tr")
+    assert adl_tokens(rows[0], "td") == [visible_token(t["token"]) for t in scope[0]["neg_tokens"][:8]]
+    Select(page.find_element(By.ID, "adl-sign")).select_by_value("pos")
+    css(page, "table.adl-lens[data-layer='2'] tbody tr[data-position='3']")[0].click()  # a row picks its position
+    assert page.find_element(By.ID, "adl-position").get_attribute("value") == "3"
+    assert "ran at position 0" in page.find_element(By.ID, "adl-no-scope").text
+    Select(page.find_element(By.ID, "adl-position")).select_by_value("0")
+    assert len(css(page, "#adl-scope tbody tr")) == 30
+
+    vectors = httpx.get(page.find_element(By.ID, "adl-vectors").get_attribute("href")).json()
+    assert vectors["layer"] == 2 and vectors["position"] == 0 and len(vectors["delta"]) == 96
+    for link in ("adl-result", "adl-zip"):
+        assert httpx.get(page.find_element(By.ID, link).get_attribute("href")).status_code == 200
+    page.set_window_size(1400, 1500)
+    page.execute_script("document.activeElement.blur(); document.getElementById('diff-detail').scrollIntoView({block: 'start'})")
+    screenshot(page, "page-adl.png")
+    page.set_window_size(1400, 1000)
+    assert not console_errors(page)
+
+
+def greedy_compare(driver, alphas):
+    """Run the Compare form as it is, greedy (temperature 0), one sample per column."""
+    for field, value in (("alphas", alphas), ("n", 1), ("temperature", 0), ("max_new_tokens", MAX_NEW), ("seed", 0)):
+        set_value(driver, f"c-{field}", value)
+    driver.find_element(By.ID, "c-run").click()
+    wait(driver, samples_finished)
+    wait(driver, lambda d: d.find_element(By.ID, "c-run").is_enabled())
+    return columns(driver)
+
+
+def test_steering_in_compare_adds_steered_columns_that_the_api_reproduces(page, server):
+    """The job of the test above, sent to Compare by its "Steer in Compare" button (job, block 2,
+    position 0 chosen there), at strength 2: the steered after and LDA columns differ from the
+    unsteered ones and are exactly what POST /generate_lda with the page's body and `steer` returns,
+    with the marker; position 99 is refused with the server's message at the position field."""
+    from app.demo import MARKER
+
+    page.execute_script("window.location.hash = '#diffing'")
+    job_id = page.find_element(By.CSS_SELECTOR, "#diff-list button.current").get_attribute("data-id")
+    wait(page, shown("adl-steer")).click()
+    wait(page, lambda d: d.find_element(By.ID, "view-compare").is_displayed())
+    wait(page, lambda d: d.find_element(By.ID, "c-steer-adl").get_attribute("value") == job_id)
+    wait(page, lambda d: d.find_element(By.ID, "c-steer-layer").get_attribute("value") == "2")
+    assert page.find_element(By.ID, "c-steer-position").get_attribute("value") == "0"
+    set_value(page, "c-steer-strength", 2)
+    cols = greedy_compare(page, "2")
+    assert list(cols) == ["before", "after", "LDA α=2", "after + steer", "LDA α=2 + steer"]
+    assert tokens_text(cols["after + steer"]) != tokens_text(cols["after"])
+    assert tokens_text(cols["LDA α=2 + steer"]) != tokens_text(cols["LDA α=2"])
+    steer = {"adl": job_id, "layer": 2, "position": 0, "strength": 2}
+    body = {"prompt": page.find_element(By.ID, "c-prompt").get_attribute("value"), "alphas": [0, 2], "n": 1,
+            "temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": int(MAX_NEW), "seed": 0, "details": True}  # fmt: skip
+    results = httpx.post(f"{server}/generate_lda", json=body | {"steer": steer}, timeout=60).json()["results"]
+    steered = [tokens_text(cols["after + steer"]), tokens_text(cols["LDA α=2 + steer"])]
+    assert [r["completion"] for r in results] == steered
+    assert MARKER in steered[0]
+    set_value(page, "c-search", MARKER)
+    assert css(page, "#columns .column[aria-label='after + steer'] .tok.mark")
+    page.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    screenshot(page, "page-steer.png")
+
+    set_value(page, "c-steer-position", 99)
+    page.find_element(By.ID, "c-run").click()
+    error = wait(page, lambda d: d.find_element(By.ID, "c-steer-position-error"))
+    expected = httpx.post(f"{server}/generate_lda", json=body | {"steer": steer | {"position": 99}})
+    assert expected.status_code == 422 and expected.json()["error"]["param"] == "steer.position"
+    assert error.text == expected.json()["error"]["message"]
+    assert page.find_element(By.ID, "c-steer-position").get_attribute("aria-invalid") == "true"
+    wait(page, lambda d: d.find_element(By.ID, "c-run").is_enabled())
+    set_value(page, "c-steer-position", 0)
+    Select(page.find_element(By.ID, "c-steer-adl")).select_by_value("")  # steering off again
+    assert not page.find_element(By.ID, "c-steer-position").is_enabled()
+    assert not console_errors(page, allow=["status of 422"])
+
+
 # --- API key ----------------------------------------------------------------------------------
 
 

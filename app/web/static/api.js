@@ -55,7 +55,7 @@ async function send(method, path, body, signal) {
     return await fetch(path, {
       method,
       headers: headers(body !== undefined),
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || typeof body === "string" ? body : JSON.stringify(body), // a string: JSON already
       signal,
     });
   } catch (exc) {

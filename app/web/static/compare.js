@@ -1,8 +1,10 @@
-// Compare: one prompt (or chat) decoded side by side as before, after, LDA at each alpha and any
-// adapter / amplification config the server lists, streamed token by token through /generate_lda
-// with `details`, so every column can be coloured by the same measure.
+// Compare: one prompt (or chat) decoded side by side as before, after, LDA at each alpha, any
+// adapter / amplification config the server lists and, steered by a finished ADL job's δ, after and
+// LDA again; streamed token by token through /generate_lda with `details`, so every column can be
+// coloured by the same measure.
 
 import { ApiError, curlCommand, getJSON, postJSON, stream } from "./api.js";
+import { setupSteer, steerBody } from "./compare-steer.js";
 import { appendPiece, applyDetails, highlight, legend, tokenArea } from "./tokens.js";
 import { clearErrors, el, num, numberList, online, showError, text } from "./ui.js";
 
@@ -83,6 +85,13 @@ function extras() {
 function plan(base, alphas) {
   const pairAlphas = [...new Set([-1, 0, ...alphas])];
   const requests = [{ body: { ...base, alphas: pairAlphas }, titles: pairAlphas.map(pairTitle) }];
+  const steer = steerBody();
+  if (steer) {
+    // The steered after model and LDA against the before model (alpha -1 would be the before model again).
+    const steered = [...new Set([0, ...alphas])];
+    const tag = steer.random_seed === undefined ? "steer" : "random steer";
+    requests.push({ body: { ...base, alphas: steered, steer }, titles: steered.map((a) => `${pairTitle(a)} + ${tag}`) });
+  }
   for (const x of extras()) {
     if (x.kind === "adapter") {
       const a = alphas.length ? alphas : [1];
@@ -199,7 +208,7 @@ async function run() {
 
 function setRunning(on) {
   document.getElementById("c-run").disabled = on;
-  document.getElementById("c-stop").disabled = !on;
+  document.getElementById("c-halt").disabled = !on;
 }
 
 function refreshSearch() {
@@ -243,8 +252,9 @@ export function setupCompare() {
     e.preventDefault();
     run();
   });
-  document.getElementById("c-stop").addEventListener("click", () => running?.abort());
+  document.getElementById("c-halt").addEventListener("click", () => running?.abort());
   document.getElementById("c-search").addEventListener("input", refreshSearch);
+  setupSteer((exc) => showError(form(), exc));
   for (const radio of form().querySelectorAll('input[name="input-mode"]')) {
     radio.addEventListener("change", () => {
       const chat = radio.value === "chat" && radio.checked;

@@ -3,6 +3,7 @@
 // as it is and shows the Retry banner.
 
 import { ConnectionError, getJSON } from "./api.js";
+import { loadSteerJobs } from "./compare-steer.js";
 import { loadExtras, setupCompare } from "./compare.js";
 import { refresh as refreshDiffing, setupDiffing } from "./diffing.js";
 import { refresh as refreshExperiments, setupExperiments } from "./experiments.js";
@@ -46,7 +47,7 @@ async function loadCompare() {
     document.getElementById("models").textContent =
       `after ${info.model_after.model_id} · before ${info.model_before.model_id}${demo}`;
     if (info.demo && !document.getElementById("c-search").value) document.getElementById("c-search").value = info.demo.marker;
-    await loadExtras();
+    await Promise.all([loadExtras(), loadSteerJobs()]);
     online();
   } catch (exc) {
     if (exc instanceof ConnectionError) offline(exc.message, loadCompare);
@@ -59,7 +60,7 @@ setupTooltip();
 setupCompare();
 setupExperiments();
 setupJobs(openTab);
-setupDiffing();
+setupDiffing(openTab);
 setupTabs();
 openTab(location.hash.slice(1) || "compare");
 // The header's model line comes from Compare's /info call: load it too when the page opens elsewhere.

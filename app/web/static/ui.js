@@ -72,10 +72,15 @@ export function showError(form, exc, retry) {
 }
 
 function fieldFor(form, param, message) {
-  // `param` is the first field the server named; its first segment is the form's field name.
+  // `param` is the first field the server named: the form's field for it, or for the nearest path
+  // above it ("steer.position" has its own field; "alphas.0" is the alphas field's).
   // Some 422s (the library's own checks) name the field only in the message ("steps: ...").
-  const name = (param || message.match(/^([a-z_]+)[.:[]/)?.[1] || "").split(/[.[]/)[0];
-  return name ? form.querySelector(`.field[data-param="${name}"]:not([hidden])`) : null;
+  const path = param || message.match(/^([a-z_][\w.[\]]*):/)?.[1] || message.match(/^([a-z_]+)[.[]/)?.[1] || "";
+  for (let name = path; name; name = name.slice(0, Math.max(name.lastIndexOf("."), name.lastIndexOf("["), 0))) {
+    const field = form.querySelector(`.field[data-param="${CSS.escape(name)}"]:not([hidden])`);
+    if (field) return field;
+  }
+  return null;
 }
 
 let pendingRetry = null;
