@@ -112,9 +112,6 @@ def resolve_layer(layer: int | float, num_layers: int, where: str = "layer") -> 
 def analysed(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(index [B, width] of each sample's analysed positions, valid [B, width]): rows analysing
     fewer positions are padded with index 0, marked invalid."""
-    index = torch.zeros(len(samples), width, dtype=torch.long)
-    valid = torch.zeros(len(samples), width, dtype=torch.bool)
-    for row, sample in enumerate(samples):
-        index[row, : len(sample.positions)] = torch.tensor(sample.positions)
-        valid[row, : len(sample.positions)] = True
-    return index, valid
+    index = [list(s.positions) + [0] * (width - len(s.positions)) for s in samples]
+    valid = [[True] * len(s.positions) + [False] * (width - len(s.positions)) for s in samples]
+    return torch.tensor(index, dtype=torch.long), torch.tensor(valid, dtype=torch.bool)

@@ -48,6 +48,8 @@ def gather_positions(
     """Logits at each sample's analysed positions ([B, L, V] -> [B, P, V], P the longest list)."""
     index, valid = analysed(samples, max(len(s.positions) for s in samples))
     index, valid = index.to(after_logits.device), valid.to(after_logits.device)
+    if index.shape[1] == after_logits.shape[1] and all(s.positions == tuple(range(len(s.ids))) for s in samples):
+        return PositionBatch(after_logits, before_logits, valid)  # texts: every position, no copy
     take = index.unsqueeze(-1).expand(-1, -1, after_logits.shape[-1])
     return PositionBatch(after_logits.gather(1, take), before_logits.gather(1, take), valid)
 
@@ -60,7 +62,8 @@ def diff_stats(diff: torch.Tensor, valid: torch.Tensor, top_k: int) -> tuple[Tok
     Returns the batch's statistics and the top-k positive (values, indices) for NMF.
     """
     vocab = diff.shape[-1]
-    diff = diff * valid.unsqueeze(-1).to(diff.dtype)
+    if not bool(valid.all()):
+        diff = diff * valid.unsqueeze(-1).to(diff.dtype)
     pos_values, pos_indices = torch.topk(diff, k=top_k, dim=-1, largest=True)
     _, neg_indices = torch.topk(diff, k=top_k, dim=-1, largest=False)
     stats = TokenStats(
@@ -109,13 +112,13 @@ class _TopList:
 def next_tokens(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The token each analysed position predicts, [B, width], and whether it exists (the last
     token of a sample predicts past its end)."""
-    target = torch.zeros(len(samples), width, dtype=torch.long)
-    scored = torch.zeros(len(samples), width, dtype=torch.bool)
+    target = [[0] * width for _ in samples]
+    scored = [[False] * width for _ in samples]
     for row, sample in enumerate(samples):
         for j, p in enumerate(sample.positions):
             if p + 1 < len(sample.ids):
-                target[row, j], scored[row, j] = sample.ids[p + 1], True
-    return target, scored
+                target[row][j], scored[row][j] = sample.ids[p + 1], True
+    return torch.tensor(target, dtype=torch.long), torch.tensor(scored, dtype=torch.bool)
 
 
 class Miner:
