@@ -199,6 +199,7 @@ def adl_job(client):
 def test_the_lens_of_delta_names_the_marker(client, adl_job):
     layers = {entry["layer"]: entry for entry in adl_job["result"]["layers"]}
     assert set(layers) == {2, 1}  # 1.0 -> block 2; 0.5 -> int(0.5 * 2) = 1
+    assert adl_job["spec"]["blocks"] == [2, 1]
     first = layers[2]["positions"][0]
     top = [t["token"].strip() for t in first["logit_lens"]["delta"]["pos"][:5]]
     print("lens of delta at position 0, block 2:", top)

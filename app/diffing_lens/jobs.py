@@ -233,7 +233,7 @@ def metadata(record: JobRecord, req: Request, pair: Any) -> dict[str, Any]:
 
 def request_from_spec(spec: dict[str, Any], api_key: str | None = None) -> Request:
     """The request a stored spec came from (its rows as `texts`), to run it again."""
-    body = {k: v for k, v in spec.items() if k not in ("rows", "source")} | {"texts": spec["rows"]}
+    body = {k: v for k, v in spec.items() if k not in ("rows", "source", "blocks")} | {"texts": spec["rows"]}
     if body.get("grader") is not None:
         body["grader"] = dict(body["grader"]) | {"api_key": api_key}
     return _REQUEST.validate_python(body)

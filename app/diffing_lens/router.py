@@ -69,6 +69,8 @@ async def submit(
     # The grader's key is used by the job and never written to disk or shown.
     spec = req.model_dump(exclude={"texts": True, "prompts_file": True, "dataset": True, "grader": {"api_key"}})
     spec |= {"rows": rows, "source": _source(req)}
+    if not isinstance(req, LogitDiffRequest):  # the blocks read, so no client has to resolve 1.0 vs 1
+        spec["blocks"] = list(adl_layers(req, pair.after.model))
     app = request.app
     return start_job(request, _store(request), spec, [], app.state.diffing_cancels,
                      lambda record, cancel: drive(app, record, req, samples, cancel), settings.max_weightdiff_jobs,
