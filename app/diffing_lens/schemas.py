@@ -32,7 +32,7 @@ class NmfBody(BaseModel):
 class GraderBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    base_url: str = Field(min_length=1, pattern=r"^https?://", description="e.g. https://api.openai.com/v1")
+    base_url: str = Field(min_length=1, pattern=r"^https?://", description="an OpenAI-compatible base URL ending in /v1, e.g. http://127.0.0.1:8000/v1")
     model: str = Field(min_length=1)
     api_key: str | None = Field(None, description="sent as a Bearer token; never stored with the job")
 
