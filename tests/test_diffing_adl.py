@@ -271,9 +271,15 @@ def test_adl_bad_input_is_a_422_naming_the_field(client):
         ({"texts": ["a b c d e f g h"], "layers": [1.5]}, "layers[0]"),
         ({"texts": ["a b"], "max_tokens_per_sample": 128}, "texts"),
         ({"texts": ["a b"], "layers": []}, "layers"),
+        ({"texts": ["a b c d e f g h"], "layers": ["x"]}, "layers.0"),
+        ({"texts": ["a b c d e f g h"], "max_tokens_per_sample": 4, "patchscope_positions": [4]},
+         "patchscope_positions[0]"),
     ):
         r = client.post("/diffing/jobs", json={"method": "adl"} | body)
-        assert r.status_code == 422 and field in r.text, r.text
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+    r = client.post("/diffing/jobs", json={"method": "adl", "texts": ["a b c d e f g h"], "max_tokens_per_sample": 4})
+    assert r.status_code == 202 and r.json()["id"]  # the default positions 0-5 cut to the analysed 0-3
+    assert client.get(f"/diffing/jobs/{r.json()['id']}").json()["spec"]["patchscope_positions"] == [0, 1, 2, 3]
 
 
 def test_the_openai_routes_take_steer_as_an_extra(client, adl_job):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 Prompt = Annotated[str, Field(min_length=1)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -77,6 +77,22 @@ STREAMING: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _layer(value: Any) -> int | float:
+    """An integer block or a fraction, kept as given (1 is block 1, 1.0 the last block)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be an integer block or a fraction in [0, 1], got {value!r}")
+    return value
+
+
+# A plain validator, not `int | float`: a union would put its branch names into an error's path.
+LayerRef = Annotated[
+    int | float,
+    PlainValidator(_layer),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "number"}]}),
+    Field(description="an int: that block; a float in [0, 1]: int(x * (layers - 1))"),
+]
+
+
 class SteerBody(BaseModel):
     """A steering vector from a finished ADL job: δ at (layer, position), scaled to the after
     model's mean norm at that layer, times `strength`, added to the block's output at every
@@ -85,7 +101,7 @@ class SteerBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     adl: str = Field(min_length=1, description="a finished `/diffing/jobs` ADL job's id")
-    layer: int | float = Field(description="one of the job's layers: a block, or a fraction in [0, 1]")
+    layer: LayerRef = Field(description="one of the job's layers: a block, or a fraction in [0, 1]")
     position: int = Field(description="a position label the job analysed (0..n-1; chats -k..n-1)")
     strength: FiniteFloat = Field(1.0, ge=-1000.0, le=1000.0, description="times the normalised vector")
     random_seed: int | None = Field(

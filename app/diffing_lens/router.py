@@ -19,7 +19,7 @@ from lda.jobs import ACTIVE, JobRecord, JobStore
 from app.api.background import run_job_task, start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
 from app.api.schemas import ERRORS, not_found
-from app.diffing_lens.jobs import adl_layers, drive, public, read_result, request_from_spec, tokenize
+from app.diffing_lens.jobs import adl_layers, drive, labels, public, read_result, request_from_spec, tokenize
 from app.diffing_lens.names import RUN_DIR, TOKEN_STATS, ZIP
 from app.diffing_lens.schemas import DiffingRequest, LogitDiffRequest
 
@@ -66,6 +66,8 @@ async def submit(
         )
     rows = await asyncio.to_thread(_rows, req, settings)
     samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, rows, req)
+    if not isinstance(req, LogitDiffRequest):
+        _check_positions(req, labels(req, samples))
     # The grader's key is used by the job and never written to disk or shown.
     spec = req.model_dump(exclude={"texts": True, "prompts_file": True, "dataset": True, "grader": {"api_key"}})
     spec |= {"rows": rows, "source": _source(req)}
@@ -75,6 +77,19 @@ async def submit(
     return start_job(request, _store(request), spec, [], app.state.diffing_cancels,
                      lambda record, cancel: drive(app, record, req, samples, cancel), settings.max_weightdiff_jobs,
                      "diffing", "/diffing/jobs")  # fmt: skip
+
+
+def _check_positions(req: Any, analysed: tuple[int, ...]) -> None:
+    """Positions given for the patchscope or the steering search must be analysed ones; the
+    defaults (0-5, 0-4) keep those that are."""
+    for field in ("patchscope_positions", "steering_positions"):
+        positions = getattr(req, field)
+        if field not in req.model_fields_set:
+            setattr(req, field, [p for p in positions if p in analysed])
+            continue
+        for i, p in enumerate(positions):
+            if p not in analysed:
+                raise ValueError(f"{field}[{i}]: position {p} is not analysed ({analysed[0]}..{analysed[-1]})")
 
 
 def _source(req: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.errors import UNION_TAGS
+from app.api.schemas import LayerRef
 from app.experiments_lens.schemas import DatasetSource, Message
 
 
@@ -90,7 +91,6 @@ class LogitDiffRequest(JobInputs):
     )
 
 
-Layer = Annotated[int | float, Field(description="an int: that block; a float in [0, 1]: int(x * (layers - 1))")]
 
 
 class ADLRequest(JobInputs):
@@ -100,7 +100,7 @@ class ADLRequest(JobInputs):
     method: Literal["adl"] = Field(description="`adl`: the toolkit's activation_difference_lens")
     max_samples: int = Field(10000, ge=1, description="samples kept at most (after dropping short ones)")
     max_tokens_per_sample: int = Field(128, ge=1, le=4096, description="n: positions 0..n-1 (chats: -k..n-1)")
-    layers: list[Layer] = Field([0.5], min_length=1, max_length=64, description="blocks whose output is read")
+    layers: list[LayerRef] = Field([0.5], min_length=1, max_length=64, description="blocks whose output is read")
     batch_size: int = Field(32, ge=1, le=512, description="samples per forward (and per engine step)")
     lens_k: int = Field(100, ge=1, le=5000, description="logit-lens tokens kept per vector and sign")
     patchscope_positions: list[int] = Field(
