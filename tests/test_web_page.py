@@ -366,7 +366,7 @@ def test_a_weightdiff_job_shows_loss_curves_and_its_adapter_runs_in_compare(page
     screenshot(page, "page-weightdiff.png")
     use.click()
     wait(page, lambda d: d.find_element(By.ID, "view-compare").is_displayed())
-    wait(page, lambda d: css(d, f"#c-extras input[value='{adapter}']")[0].is_selected())
+    wait(page, lambda d: any(box.is_selected() for box in css(d, f"#c-extras input[value='{adapter}']")))
     cols = compare(page, alphas="2")
     assert cols[f"{adapter} α=2"].find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
     css(page, f"#c-extras input[value='{adapter}']")[0].click()  # back to the plain columns

@@ -228,10 +228,12 @@ export function selectExtra(name) {
 /** Fill "Also compare" from /adapters and the compiled lora_names /v1/models lists. */
 export async function loadExtras() {
   const box = document.getElementById("c-extras");
+  const want = wanted;
+  const [{ adapters }, models] = await Promise.all([getJSON("/adapters"), getJSON("/v1/models")]);
+  // Read the ticks after the fetch, and keep the wanted name until a list with it is drawn: two loads
+  // may overlap (the page's first and a tab switch), and the last one drawn must keep both.
   const checked = new Set(extras().map((x) => x.name));
   if (wanted) checked.add(wanted);
-  wanted = null;
-  const [{ adapters }, models] = await Promise.all([getJSON("/adapters"), getJSON("/v1/models")]);
   const adapterNames = new Set(adapters.map((a) => a.name));
   const fixed = new Set(["after", "before", "lda"]);
   // Every other card with a parent is a compiled config (the after / before aliases and `lda` aside).
@@ -244,6 +246,7 @@ export async function loadExtras() {
     ...configs.map((id) => option("config", id, `config ${id}`)),
   ];
   box.replaceChildren(...(items.length ? items : [el("span", { class: "muted" }, "none listed")]));
+  if (wanted === want) wanted = null;
 }
 
 export function setupCompare() {
