@@ -72,6 +72,10 @@ class RecordStore(Generic[R]):
                 record = self._load(path)
             except (OSError, ValueError, TypeError):
                 continue  # a half-written or foreign file: never fatal for the other records
+            if record.id != path.parent.name:
+                # A record is written to `root/<its id>/`: one whose id names another folder (a copied
+                # or hand-edited file, an id like "../x") would be saved, marked and deleted there.
+                continue
             self._records[record.id] = record
 
     def _load(self, path: Path) -> R:

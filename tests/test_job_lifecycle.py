@@ -246,28 +246,32 @@ def test_recover_marks_what_a_dead_process_left_active(tmp_path):
     assert {r.status for r in JobStore(tmp_path).list()} == {"interrupted", "done"}
 
 
-def test_removing_a_record_with_a_foreign_id_never_deletes_outside_the_root(tmp_path):
-    """A record file copied in by hand may name any id; deleting it removes nothing outside."""
+def test_a_record_whose_id_names_another_folder_is_not_loaded(tmp_path):
+    """A record file copied in by hand may name any id: it is skipped, so nothing is ever saved,
+    marked interrupted or deleted outside its own folder (or the root) through it."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
     jobs = tmp_path / "jobs"
-    (jobs / "a").mkdir(parents=True)
-    record = {"id": "../outside", "spec": {}, "task_names": [], "status": "done"}
-    (jobs / "a" / "job.json").write_text(json.dumps(record))
+    for folder, status in (("a", "done"), ("b", "running")):
+        (jobs / folder).mkdir(parents=True)
+        record = {"id": "../outside", "spec": {}, "task_names": [], "status": status}
+        (jobs / folder / "job.json").write_text(json.dumps(record))
+    good = JobStore(jobs).create({}, [])
     store = JobStore(jobs)
+    assert [r.id for r in store.list()] == [good.id]
+    assert store.recover() == [good.id] and store.get("../outside") is None  # only its own queued one
     with pytest.raises(KeyError):
-        store.remove("nope")
-    store.remove("../outside")
-    assert (outside / "keep.txt").exists() and store.get("../outside") is None
+        store.remove("../outside")
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
     experiments = tmp_path / "experiments"
     (experiments / "a").mkdir(parents=True)
-    record = {"id": "../outside", "spec": {}, "total": 1, "status": "done"}
+    record = {"id": "../outside", "spec": {}, "total": 1, "status": "running"}
     (experiments / "a" / "experiment.json").write_text(json.dumps(record))
     store = ExperimentStore(experiments)
-    store.delete("../outside")
-    assert (outside / "keep.txt").exists() and store.get("../outside") is None
+    assert store.list() == [] and store.recover() == []
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
 def test_a_job_still_active_is_not_removed(tmp_path):
