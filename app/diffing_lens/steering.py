@@ -3,14 +3,16 @@ vector, and the decode targets that add it to the after model."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lda.diffing.adl import normalised
-from lda.diffing.adl_files import load_vectors, steering_vector
+from lda.diffing.adl_files import VECTORS_FILE, load_vectors, steering_vector
 from lda.diffing.inputs import resolve_layer
 from lda.steering import SteeredSource
 
@@ -52,7 +54,7 @@ def resolve_steer(app: Any, body: SteerBody | dict[str, Any], where: str = "stee
         raise ValueError(f"{where}.adl: job {body.adl!r} is {record.status}; steering needs a finished job")
     model = app.state.pair.after.model
     layer = resolve_layer(body.layer, model.config.num_hidden_layers, f"{where}.layer")
-    tensors = load_vectors(store.dir(body.adl) / RUN_DIR)
+    tensors = _vectors(str(store.dir(body.adl) / RUN_DIR / VECTORS_FILE), record.finished)
     try:
         delta, norm = steering_vector(tensors, layer, body.position)
     except KeyError as missing:
@@ -70,6 +72,13 @@ def resolve_steer(app: Any, body: SteerBody | dict[str, Any], where: str = "stee
     except ValueError:
         raise ValueError(f"{where}.position: the mean difference there is zero (nothing to steer with)") from None
     return Steering(body.adl, layer, body.position, float(body.strength), body.random_seed, direction * body.strength)
+
+
+@functools.lru_cache(maxsize=8)
+def _vectors(path: str, finished: float | None) -> dict[str, torch.Tensor]:
+    """A finished job's vectors, read once: an experiment resolves its steering at every chunk.
+    `finished` is part of the key, so a job deleted and made again under the same id is read anew."""
+    return load_vectors(Path(path).parent)
 
 
 def steer_target(pair: Any, steering: Steering, alone: bool = False) -> BatchTarget:

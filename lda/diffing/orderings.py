@@ -81,6 +81,30 @@ def _top(
     return top_values.tolist(), top_indices.tolist()
 
 
+def _global(
+    stats: TokenStats,
+    tokenizer: Any,
+    values: torch.Tensor,
+    counts: tuple[torch.Tensor, torch.Tensor],
+    num_tokens: int,
+    excluded_token_ids: Iterable[int] | None,
+) -> list[TokenEntry]:
+    """The top tokens by `values`, each with its average diff and its (positive, negative) counts."""
+    avg = avg_logit_diff(stats)
+    top, ids = _top(values, stats, num_tokens, excluded_token_ids)
+    return [
+        TokenEntry(
+            token_id=i,
+            token_str=tokenizer.decode([i]),
+            ordering_value=v,
+            avg_logit_diff=float(avg[i]),
+            count_positive=int(counts[0][i]),
+            count_negative=int(counts[1][i]),
+        )
+        for i, v in zip(ids, top, strict=True)
+    ]
+
+
 def top_k_occurring(
     stats: TokenStats, tokenizer: Any, num_tokens: int, excluded_token_ids: Iterable[int] | None = None
 ) -> OrderingResult:
@@ -92,20 +116,9 @@ def top_k_occurring(
         num_tokens: the most tokens kept.
         excluded_token_ids: ids that never appear (the toolkit's punctuation filter).
     """
-    avg = avg_logit_diff(stats)
     rates = stats.topk_pos_counts.float() / stats.total_positions * 100
-    values, ids = _top(rates, stats, num_tokens, excluded_token_ids)
-    tokens = [
-        TokenEntry(
-            token_id=i,
-            token_str=tokenizer.decode([i]),
-            ordering_value=v,
-            avg_logit_diff=float(avg[i]),
-            count_positive=int(stats.topk_pos_counts[i]),
-            count_negative=int(stats.topk_neg_counts[i]),
-        )
-        for i, v in zip(ids, values, strict=True)
-    ]
+    counts = (stats.topk_pos_counts, stats.topk_neg_counts)
+    tokens = _global(stats, tokenizer, rates, counts, num_tokens, excluded_token_ids)
     return OrderingResult(
         ordering_type_id="top_k_occurring",
         display_name="Top-K Occurring",
@@ -125,20 +138,9 @@ def fraction_positive_diff(
         num_tokens: the most tokens kept.
         excluded_token_ids: ids that never appear (the toolkit's punctuation filter).
     """
-    avg = avg_logit_diff(stats)
     fraction = stats.count_positive.float() / stats.total_positions
-    values, ids = _top(fraction, stats, num_tokens, excluded_token_ids)
-    tokens = [
-        TokenEntry(
-            token_id=i,
-            token_str=tokenizer.decode([i]),
-            ordering_value=v,
-            avg_logit_diff=float(avg[i]),
-            count_positive=int(stats.count_positive[i]),
-            count_negative=int(stats.total_positions - stats.count_positive[i]),
-        )
-        for i, v in zip(ids, values, strict=True)
-    ]
+    counts = (stats.count_positive, stats.total_positions - stats.count_positive)
+    tokens = _global(stats, tokenizer, fraction, counts, num_tokens, excluded_token_ids)
     return OrderingResult(
         ordering_type_id="fraction_positive_diff",
         display_name="Fraction Positive Diff",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from lda.diffing.inputs import Sample
 from lda.diffing.mine import LogitDiffPass, PassConfig
 from lda.pair import Side
 from lda.source import ModelSource
-from tests.benchmarks.bench_lda import add_model_args, bench_model, bench_tokenizer, hardware, model_placement, sync
+from tests.benchmarks.bench_dit import best_of
+from tests.benchmarks.bench_lda import add_model_args, bench_model, bench_tokenizer, hardware, model_placement
 
 
 def rss_bytes() -> int:
@@ -45,18 +45,6 @@ def random_samples(count: int, n: int, vocab: int, seed: int) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (count, n), generator=g).tolist()
     return [Sample(i, tuple(row), tuple(range(n))) for i, row in enumerate(ids)]
-
-
-def timed(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -103,9 +91,9 @@ def main() -> None:
             run.add(batch)
 
     with torch.no_grad():
-        plain = timed(forwards, device, args.repeats)
-        mined = timed(mining, device, args.repeats)
-        lens = timed(adl, device, args.repeats)
+        plain = best_of(args.repeats, forwards, device)
+        mined = best_of(args.repeats, mining, device)
+        lens = best_of(args.repeats, adl, device)
     result |= {
         "two_forwards_s": round(plain, 4),
         "mining_s": round(mined, 4),
