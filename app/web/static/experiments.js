@@ -58,8 +58,11 @@ export async function refresh() {
     experiments.sort((a, b) => b.created - a.created);
     document.getElementById("exp-list").replaceChildren(...experiments.map(listItem));
     const detail = selected ? await showDetail(selected) : null;
-    // The detail is read after the list: when it already says final, its list entry is stale.
-    const active = experiments.filter((e) => ACTIVE.includes(e.status) && !(detail && e.id === detail.id && !ACTIVE.includes(detail.status)));
+    // The detail is read after the list: when it already says final, its list entry is stale, and
+    // no later poll would redraw it. Draw the entry from the detail.
+    const shown = experiments.map((e) => (detail && e.id === detail.id ? detail : e));
+    if (shown.some((e, i) => e !== experiments[i])) document.getElementById("exp-list").replaceChildren(...shown.map(listItem));
+    const active = shown.filter((e) => ACTIVE.includes(e.status));
     if (active.length) timer = setTimeout(refresh, 1000);
   } catch (exc) {
     showError(form(), exc, refresh);
