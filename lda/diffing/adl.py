@@ -18,6 +18,7 @@ import torch
 from lda.blocks import block_hook, capture, final_norm
 from lda.diffing.forward import pad_right
 from lda.diffing.inputs import Sample, analysed
+from lda.diffing.stats import config_items, require_same
 from lda.source import input_device
 
 # The toolkit's auto-patchscope scales: 0.5..2.0 by 0.1, then 3, 4, 5, 10, 20, then 40..200 by 20.
@@ -66,6 +67,18 @@ class ActivationMeans:
     def count(self, valid: torch.Tensor) -> None:
         self.counts += valid.sum(dim=0)
         self.norm_count += int(valid[:, NORM_SKIP:].sum())
+
+    def merge(
+        self, sums: dict[int, dict[str, torch.Tensor]], norms: dict[int, dict[str, float]], counts: torch.Tensor,
+        norm_count: int,
+    ) -> None:  # fmt: skip
+        """Add a later block's sums: fp64 sums of the same batch sums, only in another order."""
+        for layer, sides in self.sums.items():
+            for side, total in sides.items():
+                total += sums[layer][side].to(total.device)
+                self.norms[layer][side] += norms[layer][side]
+        self.counts += counts.to(self.counts.device)
+        self.norm_count += norm_count
 
     def means(self, layer: int) -> dict[str, torch.Tensor]:
         """{delta, mean_before, mean_after}: [P, d] fp32 (positions never seen stay zero)."""
@@ -192,6 +205,29 @@ class ADLPass:
         m.sums = {layer: {side: t.to(device) for side, t in sides.items()} for layer, sides in state["sums"].items()}
         m.norms, m.counts, m.norm_count = state["norms"], state["counts"].to(device), state["norm_count"]
         self.samples = state["samples"]
+
+    def partial(self) -> dict[str, Any]:
+        """The sums so far as CPU copies, picklable, for a driver's `merge` (one block's reduction)."""
+        m = self.means
+        return {
+            "settings": self._settings(),
+            "sums": {layer: {side: t.cpu().clone() for side, t in sides.items()} for layer, sides in m.sums.items()},
+            "norms": {layer: dict(sides) for layer, sides in m.norms.items()},
+            "counts": m.counts.cpu().clone(),
+            "norm_count": m.norm_count,
+            "samples": self.samples,
+        }
+
+    def merge(self, partial: dict[str, Any]) -> None:
+        """Fold in the `partial()` of a pass over the batches after all of this one's: counts add
+        exactly, fp64 sums up to another summation order. Another config raises ValueError."""
+        require_same(self._settings(), partial["settings"])
+        self.means.merge(partial["sums"], partial["norms"], partial["counts"], partial["norm_count"])
+        self.samples += partial["samples"]
+
+    def _settings(self) -> dict[str, Any]:
+        dim = self.pair.after.model.config.hidden_size
+        return {"method": "adl", "width": self.width, "dim": dim, **config_items(self.config)}
 
     def vectors(self, layer: int) -> dict[str, Any]:
         """The means at `layer`, [P, d] each, and the mean norms."""

@@ -59,10 +59,19 @@ class KLRecorder:
         kl, valid = kl.float().cpu(), valid.cpu()
         count = valid.sum(dim=1)
         means = (kl * valid).sum(dim=1) / count.clamp(min=1)
+        self.append(kl[valid].numpy(), means.numpy())
+
+    def append(self, tokens: np.ndarray, samples: np.ndarray) -> None:
+        """Append per-position values and per-sample means (a batch's, or a later block's `values()`)."""
         with open(self.tokens_path, "ab") as f:
-            f.write(kl[valid].numpy().astype(np.float32).tobytes())
+            f.write(tokens.astype(np.float32).tobytes())
         with open(self.samples_path, "ab") as f:
-            f.write(means.numpy().astype(np.float32).tobytes())
+            f.write(samples.astype(np.float32).tobytes())
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per-position values, per-sample means) so far, in memory: a partial carries the values,
+        since another process cannot read this work folder."""
+        return self.tokens(), self.samples()
 
     def tokens(self) -> np.ndarray:
         return np.fromfile(self.tokens_path, dtype=np.float32)

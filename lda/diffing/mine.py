@@ -14,7 +14,7 @@ from lda.diffing.layout import nmf_dir_name, ordering_json, write_run, zip_dir
 from lda.diffing.mining import Miner, MiningConfig
 from lda.diffing.nmf import NmfTriples, fit_topics
 from lda.diffing.orderings import fraction_positive_diff, top_k_occurring
-from lda.diffing.stats import TokenStats
+from lda.diffing.stats import TokenStats, require_same
 from lda.source import input_device
 
 __all__ = ["LogitDiffPass", "PassConfig", "mining_width", "zip_dir"]
@@ -80,6 +80,39 @@ class LogitDiffPass:
         self.miner.restore(state["miner"])
         if self.triples is not None and state["nmf"] is not None:
             vars(self.triples).update(state["nmf"])
+
+    def partial(self) -> dict[str, Any]:
+        """Everything `add` has accumulated, picklable and self-contained (the KL values travel,
+        not this pass's work folder): one block's reduction for a driver's `merge`.
+
+        Examples and windows name samples by `Sample.index`, the dataset row, so a block handed its
+        slice of the job's samples already reports global rows; only NMF rows and the top lists'
+        offer order count from 0 per block, and `merge` renumbers those.
+        """
+        return {
+            "settings": self._settings(),
+            "miner": self.miner.partial(),
+            "nmf": self.triples.partial() if self.triples is not None else None,
+        }
+
+    def merge(self, partial: dict[str, Any]) -> None:
+        """Fold in the `partial()` of a pass over the batches after all of this one's.
+
+        Merging blocks in order and finishing gives what one pass over every batch gives: the same
+        counts, top lists (ties included), KL files and NMF topics; float sums differ only by the
+        rounding of another summation order. A partial from another config raises ValueError
+        naming each difference, before anything changes.
+        """
+        require_same(self._settings(), partial["settings"])
+        self.miner.check(partial["miner"])
+        if self.triples is not None:
+            self.triples.check(partial["nmf"])
+        self.miner.merge(partial["miner"])
+        if self.triples is not None:
+            self.triples.merge(partial["nmf"])
+
+    def _settings(self) -> dict[str, Any]:
+        return {"method": "logit_diff", "width": self.width}
 
     def finish(self, run_dir: Path, dataset: str, metadata: dict[str, Any]) -> dict[str, Any]:
         """Write the toolkit's layout under `run_dir`; return the result (orderings, KL, examples)."""

@@ -19,7 +19,7 @@ import torch
 
 from lda.diffing.inputs import Sample, analysed
 from lda.diffing.klstats import KLRecorder
-from lda.diffing.stats import TokenStats
+from lda.diffing.stats import TokenStats, config_items, require_same
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,19 @@ class _TopList:
 
     def best(self) -> list[dict[str, Any]]:
         return [item for _, _, item in sorted(self._heap, key=lambda e: e[:2], reverse=True)]
+
+    def merge(self, heap: list[tuple[float, int, dict[str, Any]]], seen: int) -> None:
+        """Fold in the entries of a list that was offered later items.
+
+        Their offer numbers continue ours, so a tie between one of ours and one of theirs keeps
+        ours, as a single list offered both would; the `size` best of both lists are the `size`
+        best of every item, since an item either list dropped had `size` better ones before it.
+        """
+        later = [(score, order - self._seen, item) for score, order, item in heap]
+        kept = heapq.nlargest(self.size, self._heap + later, key=lambda e: e[:2])
+        heapq.heapify(kept)
+        # A new list, not an in-place change: a `state()` taken earlier holds the old one.
+        self._heap, self._seen = kept, self._seen + seen
 
 
 def next_tokens(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +255,37 @@ class Miner:
         self.kl.restore(state["kl"])
         if self.kl_rev is not None:
             self.kl_rev.restore(state["kl_reverse"])
+
+    def partial(self) -> dict[str, Any]:
+        """Everything `add` accumulated, self-contained (the KL values themselves, CPU tensors and
+        plain Python), for another process's `merge`."""
+        return {
+            "settings": self._settings(),
+            "stats": self.token_stats(),
+            "lists": {name: (list(t._heap), t._seen) for name, t in self._lists().items()},
+            "num_windows": self.num_windows,
+            "kl": self.kl.values(),
+            "kl_reverse": self.kl_rev.values() if self.kl_rev is not None else None,
+        }
+
+    def check(self, partial: dict[str, Any]) -> None:
+        """Raise ValueError naming each setting where `partial` came from another config."""
+        require_same(self._settings(), partial["settings"])
+
+    def merge(self, partial: dict[str, Any]) -> None:
+        """Fold in the `partial()` of a miner over the samples after all of ours, as if this one
+        had gone on to add them: sums and counts add, top lists keep ours on ties, KL values append."""
+        self.check(partial)
+        self.stats = self.stats.merge(partial["stats"])
+        for name, top in self._lists().items():
+            top.merge(*partial["lists"][name])
+        self.num_windows += partial["num_windows"]
+        self.kl.append(*partial["kl"])
+        if self.kl_rev is not None:
+            self.kl_rev.append(*partial["kl_reverse"])
+
+    def _settings(self) -> dict[str, Any]:
+        return {"vocab_size": self.stats.vocab_size, **config_items(self.config)}
 
     def _lists(self) -> dict[str, _TopList]:
         return {"by_max": self.by_max, "by_mean": self.by_mean, "windows": self.windows}

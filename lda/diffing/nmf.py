@@ -17,7 +17,7 @@ import torch
 from torchnmf.nmf import NMF
 
 from lda.diffing.orderings import Ordering, OrderingResult, TokenEntry, avg_logit_diff
-from lda.diffing.stats import TokenStats
+from lda.diffing.stats import TokenStats, require_same
 
 MODES = ("logit_diff_magnitude", "binary_occurrence")
 MIN_WEIGHT = 1e-6  # the toolkit drops topic tokens lighter than this
@@ -100,6 +100,37 @@ class NmfTriples:
             self.num_cols += new.numel()
         return self._col_of[ids]
 
+    def partial(self) -> dict[str, Any]:
+        """The entries so far, self-contained, for another process's `merge`: rows numbered from 0,
+        columns in this collection's first-seen order (`tokens` names each column's token id)."""
+        return {
+            "mode": self.mode,
+            "excluded": self._excluded.tolist(),
+            "num_rows": self.num_rows,
+            "rows": torch.cat(self._rows) if self._rows else torch.zeros(0, dtype=torch.int32),
+            "cols": torch.cat(self._cols) if self._cols else torch.zeros(0, dtype=torch.int32),
+            "values": None if self.mode == "binary_occurrence" else _cat_values(self._values),
+            "tokens": self.col_to_token(),
+        }
+
+    def check(self, partial: dict[str, Any]) -> None:
+        """Raise ValueError naming the setting where `partial` was collected differently."""
+        require_same({"mode": self.mode, "excluded": self._excluded.tolist()},
+                     {"mode": partial["mode"], "excluded": partial["excluded"]})  # fmt: skip
+
+    def merge(self, partial: dict[str, Any]) -> None:
+        """Append the `partial()` of the positions after all of ours: the same entries in the same
+        order as if this collection had gone on to add them, so NMF fits the same matrix."""
+        self.check(partial)
+        # Their columns in first-seen order: the tokens new to us take our next columns in that
+        # order, which is the order a single collection would have met them in.
+        columns = self._columns(partial["tokens"])
+        self._rows.append(partial["rows"] + self.num_rows)
+        self._cols.append(columns[partial["cols"].long()].int())
+        if partial["values"] is not None:
+            self._values.append(partial["values"])
+        self.num_rows += partial["num_rows"]
+
     def matrix(self) -> torch.Tensor:
         """V [rows, cols], sparse COO: entries summed, negatives clipped to 0 and zeros dropped."""
         size = (self.num_rows, self.num_cols)
@@ -113,6 +144,10 @@ class NmfTriples:
         return torch.sparse_coo_tensor(
             raw.indices()[:, keep], kept[keep], size, check_invariants=False
         ).coalesce()
+
+
+def _cat_values(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float32)
 
 
 def fit_topics(

@@ -6,7 +6,7 @@ are sums over positions, so batches (and workers) merge by adding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -90,3 +90,17 @@ class TokenStats:
             torch.tensor(data["topk_pos_counts"], dtype=torch.int64),
             torch.tensor(data["topk_neg_counts"], dtype=torch.int64),
         )
+
+
+def config_items(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields by name: what a partial carries so a merge can compare them."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def require_same(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Refuse to merge a partial reduced under other settings: its sums, lists and KL values would
+    count something else than ours, and the merged result would silently mix the two."""
+    names = list(ours) + [k for k in theirs if k not in ours]
+    diff = [f"{k}={theirs.get(k)!r} (this pass: {ours.get(k)!r})" for k in names if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise ValueError("cannot merge a partial from a differently configured pass: " + "; ".join(diff))
