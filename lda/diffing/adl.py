@@ -10,7 +10,7 @@ patchscope on its three identity prompts at its 30 scales.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from lda.blocks import block_hook, capture, final_norm
 from lda.diffing.forward import pad_right
 from lda.diffing.inputs import Sample, analysed
-from lda.diffing.stats import config_items, require_same
+from lda.diffing.stats import require_same
 from lda.source import input_device
 
 # The toolkit's auto-patchscope scales: 0.5..2.0 by 0.1, then 3, 4, 5, 10, 20, then 40..200 by 20.
@@ -227,7 +227,7 @@ class ADLPass:
 
     def _settings(self) -> dict[str, Any]:
         dim = self.pair.after.model.config.hidden_size
-        return {"method": "adl", "width": self.width, "dim": dim, **config_items(self.config)}
+        return {"method": "adl", "width": self.width, "dim": dim, **asdict(self.config)}
 
     def vectors(self, layer: int) -> dict[str, Any]:
         """The means at `layer`, [P, d] each, and the mean norms."""

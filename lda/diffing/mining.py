@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from lda.diffing.inputs import Sample, analysed
 from lda.diffing.klstats import KLRecorder
-from lda.diffing.stats import TokenStats, config_items, require_same
+from lda.diffing.stats import TokenStats, require_same
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ class Miner:
             self.kl_rev.append(*partial["kl_reverse"])
 
     def _settings(self) -> dict[str, Any]:
-        return {"vocab_size": self.stats.vocab_size, **config_items(self.config)}
+        return {"vocab_size": self.stats.vocab_size, **asdict(self.config)}
 
     def _lists(self) -> dict[str, _TopList]:
         return {"by_max": self.by_max, "by_mean": self.by_mean, "windows": self.windows}

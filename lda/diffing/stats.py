@@ -6,7 +6,7 @@ are sums over positions, so batches (and workers) merge by adding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,11 +90,6 @@ class TokenStats:
             torch.tensor(data["topk_pos_counts"], dtype=torch.int64),
             torch.tensor(data["topk_neg_counts"], dtype=torch.int64),
         )
-
-
-def config_items(config: Any) -> dict[str, Any]:
-    """A config dataclass's fields by name: what a partial carries so a merge can compare them."""
-    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def require_same(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
