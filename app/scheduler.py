@@ -304,3 +304,28 @@ class Scheduler:
             self.clean_steps += 1
             self._recover_budget()
         return ended
+
+
+class _Alone:
+    """The job `run_alone` drives: never cancelled, queued as background work."""
+
+    cancelled = False
+    background = True
+
+
+def run_alone(steps: Any, scheduler: Scheduler) -> Any:
+    """Drive one generator job (what a server's engine job returns) to its end on this thread,
+    with `scheduler` to itself: offline pipelines (`app.batch`) decode through the same running
+    batches as the server, with no engine and no other request beside them."""
+    job = _Alone()
+    try:
+        work = next(steps)
+        while True:
+            scheduler.submit(job, steps, work)
+            ended: list[InFlight] = []
+            while not ended:
+                ended = scheduler.step()
+            error = getattr(ended[0], "error", None)
+            work = steps.throw(error) if error is not None else steps.send(ended[0].outputs)
+    except StopIteration as stop:
+        return stop.value

@@ -93,6 +93,13 @@ class RecordStore(Generic[R]):
             record = self._records.get(record_id)
             return self._copy(record) if record is not None else None
 
+    def require(self, record_id: str) -> R:
+        """`get` for an id that must exist (KeyError otherwise)."""
+        record = self.get(record_id)
+        if record is None:
+            raise KeyError(record_id)
+        return record
+
     def list(self) -> list[R]:
         """Copies of all records, oldest first."""
         with self._lock:

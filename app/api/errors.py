@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -60,9 +62,16 @@ _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The message naming every bad field, and the first field's path (OpenAI's `param`)."""
+    return validation_message(exc.errors())
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """The message naming every bad field, and the first field's path (OpenAI's `param`).
+
+    `errors` are pydantic's, located in a request (`("body", field, ...)`) or in a bare body
+    (`app.batch` validates job files with the same models and prints this same message)."""
     parts, params = [], []
-    for err in exc.errors():
+    for err in errors:
         raw = list(err.get("loc", ()))
         if len(raw) > 1 and raw[0] == "body" and raw[1] in UNION_TAGS:
             del raw[1]

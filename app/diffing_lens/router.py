@@ -12,34 +12,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from lda.diffing.adl import VECTORS
 from lda.diffing.adl_files import load_vectors, steering_vector
 from lda.diffing.inputs import resolve_layer
-from lda.diffing.mine import mining_width
-from lda.experiments.prompts import resolve_prompts
 from lda.jobs import ACTIVE, JobRecord, JobStore
 
 from app.api.background import run_job_task, start_job
 from app.api.deps import EngineDep, PairDep, SettingsDep
 from app.api.schemas import ERRORS, not_found
-from app.diffing_lens.jobs import adl_layers, drive, labels, public, read_result, request_from_spec, tokenize
+from app.diffing_lens.jobs import drive, public, read_result, request_from_spec, tokenize
 from app.diffing_lens.names import RUN_DIR, TOKEN_STATS, ZIP
-from app.diffing_lens.schemas import DiffingRequest, LogitDiffRequest
+from app.diffing_lens.schemas import DiffingRequest
+from app.diffing_lens.specs import check_on_pair, resolve_rows, stored_spec
 
 router = APIRouter()
 
 
 def _store(request: Request) -> JobStore:
     return request.app.state.diffing_jobs
-
-
-def _rows(req: Any, settings: Any) -> list[Any]:
-    source = req.source()
-    given = [k for k, v in (("texts", req.texts), ("prompts_file", req.prompts_file), ("dataset", req.dataset)) if v]
-    if len(given) != 1:
-        raise ValueError(f"texts: give exactly one of texts, prompts_file, dataset (got {given or 'none'})")
-    if req.texts is not None and len(req.texts) > settings.max_diffing_rows:
-        raise ValueError(f"texts: {len(req.texts)} rows, the limit is {settings.max_diffing_rows} (MAX_DIFFING_ROWS)")
-    return resolve_prompts(
-        source, settings.config_root_paths, max_prompts=settings.max_diffing_rows, allow_hub=settings.allow_hub_datasets
-    )
 
 
 @router.post("/diffing/jobs", status_code=202, responses=ERRORS)
@@ -52,52 +39,13 @@ async def submit(
         req.max_samples = min(req.max_samples, limit)  # the toolkit's default, within the server's bound
     elif req.max_samples > limit:
         raise ValueError(f"max_samples: must be <= {limit} (MAX_DIFFING_ROWS), got {req.max_samples}")
-    if isinstance(req, LogitDiffRequest):
-        width = mining_width(pair, req.drop_new_tokens)
-        if req.top_k > width:
-            raise ValueError(f"top_k: must be <= {width} (the compared vocabulary), got {req.top_k}")
-    else:
-        mining_width(pair)  # the lens reads the after model's vocabulary: the pair's must agree
-        adl_layers(req, pair.after.model)  # a layer out of range is a 422 naming it
-    window = getattr(pair.after.model.config, "max_position_embeddings", None)
-    if isinstance(window, int) and req.max_tokens_per_sample > window:
-        raise ValueError(
-            f"max_tokens_per_sample: must be <= {window} (the context window), got {req.max_tokens_per_sample}"
-        )
-    rows = await asyncio.to_thread(_rows, req, settings)
-    samples = await asyncio.to_thread(tokenize, pair.after.tokenizer, rows, req)
-    if not isinstance(req, LogitDiffRequest):
-        _check_positions(req, labels(req, samples))
-    # The grader's key is used by the job and never written to disk or shown.
-    spec = req.model_dump(exclude={"texts": True, "prompts_file": True, "dataset": True, "grader": {"api_key"}})
-    spec |= {"rows": rows, "source": _source(req)}
-    if not isinstance(req, LogitDiffRequest):  # the blocks read, so no client has to resolve 1.0 vs 1
-        spec["blocks"] = list(adl_layers(req, pair.after.model))
+    rows = await asyncio.to_thread(resolve_rows, req, settings, limit)
+    samples = await asyncio.to_thread(check_on_pair, req, pair, rows)
+    spec = stored_spec(req, rows, pair)
     app = request.app
     return start_job(request, _store(request), spec, [], app.state.diffing_cancels,
                      lambda record, cancel: drive(app, record, req, samples, cancel), settings.max_weightdiff_jobs,
                      "diffing", "/diffing/jobs")  # fmt: skip
-
-
-def _check_positions(req: Any, analysed: tuple[int, ...]) -> None:
-    """Positions given for the patchscope or the steering search must be analysed ones; the
-    defaults (0-5, 0-4) keep those that are."""
-    for field in ("patchscope_positions", "steering_positions"):
-        positions = getattr(req, field)
-        if field not in req.model_fields_set:
-            setattr(req, field, [p for p in positions if p in analysed])
-            continue
-        for i, p in enumerate(positions):
-            if p not in analysed:
-                raise ValueError(f"{field}[{i}]: position {p} is not analysed ({analysed[0]}..{analysed[-1]})")
-
-
-def _source(req: Any) -> dict[str, Any]:
-    if req.prompts_file is not None:
-        return {"prompts_file": req.prompts_file}
-    if req.dataset is not None:
-        return {"dataset": req.dataset.model_dump(exclude_none=True)}
-    return {"texts": len(req.texts or [])}
 
 
 def _record(request: Request, job_id: str) -> JobRecord:

@@ -13,22 +13,17 @@ from fastapi.responses import Response
 from lda import IncompatibleTokenizersError
 from lda.experiments import (
     ExperimentRecord,
-    ExperimentSpec,
     ExperimentStore,
-    control_flag,
-    extrapolate_alpha0,
     report_csv,
     report_png,
-    resolve_prompts,
-    summarize,
 )
 
 from app.api.deps import EngineDep, PairDep, SettingsDep, check_limits
-from app.api.generation import base_seed
 from app.api.schemas import ERRORS, not_found
 from app.diffing_lens.steering import resolve_steer
 from app.experiments_lens.jobs import Runner, check_spec
 from app.experiments_lens.schemas import ExperimentRequest
+from app.experiments_lens.specs import build_spec, summary
 
 router = APIRouter()
 
@@ -59,26 +54,7 @@ async def submit(
     # The sample count is bounded by MAX_EXPERIMENT_SAMPLES below, not by MAX_ROWS_PER_REQUEST:
     # an experiment decodes in chunks of EXPERIMENT_CHUNK_SIZE rows.
     check_limits(settings, req, 1)
-    conditions = req.condition_list()
-    prompts = await asyncio.to_thread(
-        resolve_prompts,
-        req.prompt_source(),
-        settings.config_root_paths,
-        max_prompts=prompt_cap(settings.max_experiment_samples, len(conditions), req.n),
-        allow_hub=settings.allow_hub_datasets,
-    )
-    body = {
-        "name": req.name,
-        "prompts": prompts,
-        "conditions": conditions,
-        "n": req.n,
-        "seed": base_seed(req),
-        "detectors": req.detectors,
-        "store": req.store,
-        "chunk_size": settings.experiment_chunk_size,
-        "sampling": req.sampling(),
-    }
-    spec = ExperimentSpec.from_dict(body, max_samples=settings.max_experiment_samples)
+    spec = await asyncio.to_thread(build_spec, req, settings, settings.max_experiment_samples)
     lda_conditions = [c for c in spec.conditions if c.adapter is None and c.amplification is None]
     if lda_conditions and not pair.compatibility.compatible:
         raise IncompatibleTokenizersError(f"LDA needs compatible tokenizers: {pair.compatibility.warning}")
@@ -90,27 +66,8 @@ async def submit(
     return {"id": record.id, "status": record.status}
 
 
-def prompt_cap(max_samples: int, conditions: int, n: int) -> int:
-    """The most prompts MAX_EXPERIMENT_SAMPLES leaves room for at these conditions and n: a
-    prompts_file or dataset is read no further than one prompt past it."""
-    per_prompt = conditions * n
-    if per_prompt > max_samples:
-        raise ValueError(
-            f"n: {conditions} conditions x n={n} = {per_prompt} samples per prompt exceeds "
-            f"MAX_EXPERIMENT_SAMPLES={max_samples}"
-        )
-    return max_samples // per_prompt
-
-
 def _summary(request: Request, record: ExperimentRecord) -> dict[str, Any]:
-    spec = _store(request).spec(record.id)
-    summary = summarize(record.counts, record.totals, spec)
-    control = any(c.control for c in spec.conditions)
-    return {
-        "summary": summary,
-        "control_flags": control_flag(summary) if control else None,
-        "extrapolation": extrapolate_alpha0(summary),
-    }
+    return summary(record, _store(request).spec(record.id))
 
 
 def _public(record: ExperimentRecord) -> dict[str, Any]:
