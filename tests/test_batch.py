@@ -169,6 +169,17 @@ def test_a_bad_job_is_refused_before_ray_with_the_routes_message(server, batch, 
     assert not out.exists()  # nothing written
 
 
+def test_a_job_the_models_refuse_exits_2_with_the_routes_message(server, batch, capsys):
+    """The checks that need the pair run as one task on a worker, before any record is made."""
+    body = {"method": "adl", "texts": ["The sun is a star."] * 4, "layers": [99], "max_tokens_per_sample": 4}
+    r = server.post("/diffing/jobs", json=body)
+    assert r.status_code == 422, r.text
+    code, out = batch("scan", body)
+    err = capsys.readouterr().err
+    assert code == cli.USAGE_ERROR and f"error: {r.json()['error']['message']}" in err, err
+    assert not (out / "diffing_jobs").exists() or not JobStore(out / "diffing_jobs").list()
+
+
 def test_cli_usage_errors(batch, tmp_path, capsys):
     assert batch("experiment", None)[0] == cli.USAGE_ERROR
     assert "--resume" in capsys.readouterr().err

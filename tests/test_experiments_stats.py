@@ -16,8 +16,10 @@ from lda.experiments import (
     chi2_sf,
     control_flag,
     extrapolate_alpha0,
+    plot_series,
     rate_ratio,
     report_csv,
+    report_figure,
     report_png,
     summarize,
     tally,
@@ -255,6 +257,45 @@ def test_report_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.size == (int(PNG_SIZE[0] * PNG_DPI), int(PNG_SIZE[1] * PNG_DPI))
+
+
+def test_report_plots_alpha_on_a_numeric_axis_one_line_per_arm():
+    """alphas [0, 1, 2, 4] with a control and an adapter arm: the LDA line runs 0 -> 1 -> 2 -> 4 at
+    x = alpha and stops there; the control is its own dashed series, never the next point."""
+    s = ExperimentSpec.from_dict({
+        "prompts": ["p"], "n": 100,
+        "conditions": [0, 1, 2, 4, {"alpha": 0, "control": True}, {"alpha": 4, "control": True},
+                       {"alpha": 1, "adapter": "a"}, {"alpha": 3, "adapter": "a"}],
+        "detectors": [{"name": "m", "type": "substring", "patterns": ["M"]}],
+    })  # fmt: skip
+    hits = {"alpha=0": 2, "alpha=1": 5, "alpha=2": 11, "alpha=4": 30, "control alpha=0": 3, "control alpha=4": 2,
+            "adapter=a alpha=1": 7, "adapter=a alpha=3": 20}  # fmt: skip
+    rows = summarize({k: {"m": v} for k, v in hits.items()}, dict.fromkeys(hits, 100), s)
+    series = {(e["arm"], e["detector"]): e for e in plot_series(rows)}
+    assert list(series) == [("LDA", "m"), ("control", "m"), ("adapter=a", "m")]
+    assert [(p["alpha"], p["rate"]) for p in series["LDA", "m"]["points"]] == [(0, .02), (1, .05), (2, .11), (4, .30)]
+    assert [(p["alpha"], p["rate"]) for p in series["control", "m"]["points"]] == [(0, .03), (4, .02)]
+    assert series["control", "m"]["control"] and not series["LDA", "m"]["control"]
+    assert [p["condition"] for p in series["adapter=a", "m"]["points"]] == ["adapter=a alpha=1", "adapter=a alpha=3"]
+
+    ax = report_figure(rows, "hunt").axes[0]
+    lines = {bars.get_label(): bars.lines[0] for bars in ax.containers}  # each errorbar's data line
+    assert list(lines) == ["LDA · m", "control · m", "adapter=a · m"]
+    lda = lines["LDA · m"]
+    # x is alpha (each series nudged sideways by less than 1% of the alpha span), in alpha order.
+    assert np.allclose(lda.get_xdata(), [0, 1, 2, 4], atol=0.01 * 4)
+    assert list(lda.get_ydata()) == [0.02, 0.05, 0.11, 0.30] and lda.get_linestyle() == "-"
+    assert np.allclose(lines["control · m"].get_xdata(), [0, 4], atol=0.04)
+    assert lines["control · m"].get_linestyle() == "--" and list(lines["control · m"].get_ydata()) == [0.03, 0.02]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3, 4] and ax.get_xlabel() == "alpha"
+
+
+def test_report_series_leave_out_conditions_without_samples():
+    s = spec()
+    rows = summarize(*tally(records("alpha=0", 5, 100)), s)
+    series = plot_series(rows)
+    assert [len(e["points"]) for e in series if e["arm"] == "LDA"] == [1] * len({r["detector"] for r in rows})
+    report_figure(rows)  # one point per series, others empty: still draws
 
 
 def extrapolation_spec():

@@ -329,6 +329,26 @@ def test_an_experiment_runs_and_is_plotted_with_its_hits(page):
     assert [m.get_attribute("data-condition") for m in marks] == ["alpha=0", "alpha=2", "alpha=4"]
     for m in marks:  # a point and its interval for every condition with samples
         assert m.find_elements(By.TAG_NAME, "circle") and len(m.find_elements(By.TAG_NAME, "line")) == 3
+    # x is alpha on a numeric axis: 0, 2, 4 equally spaced, joined by one line per arm and detector.
+    (line,) = detail.find_elements(By.CSS_SELECTOR, "svg.chart polyline.rate-line")
+    assert line.get_attribute("data-arm") == "LDA"
+    xs = [float(p.split(",")[0]) for p in line.get_attribute("points").split()]
+    assert len(xs) == 3 and xs[0] < xs[1] < xs[2] and abs((xs[1] - xs[0]) - (xs[2] - xs[1])) < 0.5
+    # A control is its own dashed series at its own alphas, never the point after the last alpha.
+    rows = [{"condition": f"{c}alpha={a}", "alpha": a, "control": bool(c), "detector": "m", "hits": h, "total": 100,
+             "rate": h / 100, "ci95": [h / 200, h / 50]} for c, a, h in
+            [("", 0, 2), ("", 1, 5), ("", 2, 11), ("", 4, 30), ("control ", 0, 3), ("control ", 4, 2)]]  # fmt: skip
+    drawn = page.execute_async_script(
+        """const [rows, done] = arguments;
+        import("/static/plot.js").then((m) => done([...m.ratePlot(rows, "t").querySelectorAll("polyline")].map(
+          (l) => [l.dataset.arm, l.getAttribute("stroke-dasharray"), l.getAttribute("points")])));""",
+        rows,
+    )
+    assert [(name, dash) for name, dash, _ in drawn] == [("LDA", None), ("control", "6 4")]
+    lda_x = [float(p.split(",")[0]) for p in drawn[0][2].split()]
+    control_x = [float(p.split(",")[0]) for p in drawn[1][2].split()]
+    assert len(lda_x) == 4 and abs((lda_x[3] - lda_x[2]) - 2 * (lda_x[2] - lda_x[1])) < 0.5  # alpha 4 is 2 steps on
+    assert len(control_x) == 2 and abs(control_x[0] - lda_x[0]) < 20 and abs(control_x[1] - lda_x[3]) < 20
     item = page.find_element(By.CSS_SELECTOR, "#exp-list button.current")
     assert "done" in item.text and item.find_element(By.TAG_NAME, "progress").get_attribute("value") == "60"
     hits = detail.find_elements(By.CSS_SELECTOR, ".hit")

@@ -7,7 +7,7 @@ Engine-agnostic: the server supplies a `generate` callback (see `runner.Generate
 from lda.experiments.detectors import Detectors
 from lda.experiments.extrapolate import extrapolate_alpha0
 from lda.experiments.prompts import load_dataset_prompts, load_prompts_file, resolve_prompts
-from lda.experiments.report import report_csv, report_png
+from lda.experiments.report import plot_series, report_csv, report_figure, report_png
 from lda.experiments.runner import Generate, run, run_chunk, step
 from lda.experiments.spec import (
     Condition,
@@ -45,8 +45,10 @@ __all__ = [
     "extrapolate_alpha0",
     "load_dataset_prompts",
     "load_prompts_file",
+    "plot_series",
     "rate_ratio",
     "report_csv",
+    "report_figure",
     "report_png",
     "resolve_prompts",
     "run",

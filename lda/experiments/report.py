@@ -53,47 +53,81 @@ def report_csv(summary: Sequence[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def report_png(summary: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Rate per condition with Wilson 95% error bars, one line per detector; writes `path`."""
+def arm(row: Mapping[str, Any]) -> str:
+    """The series a summary row belongs to: its condition's label without the alpha ("LDA" for
+    plain alphas; "control", "adapter=x", "amp=y", "steer=... strength=s" for the others)."""
+    head = str(row["condition"]).rpartition("alpha=")[0].strip()
+    return head or "LDA"
+
+
+def plot_series(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What the report plots: one series per arm and detector, in the summary's order, its points
+    (alpha, rate, Wilson 95% interval, condition) sorted by alpha; rows without samples left out.
+    A line joins the points of one series only, so a control is never drawn as the next alpha."""
+    series: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in summary:
+        name = arm(row)
+        entry = series.setdefault(
+            (name, row["detector"]),
+            {"arm": name, "detector": row["detector"], "control": bool(row.get("control")), "points": []},
+        )
+        if row["rate"] is None:
+            continue
+        lo, hi = row["ci95"]
+        entry["points"].append(
+            {"alpha": float(row["alpha"]), "rate": row["rate"], "lo": lo, "hi": hi, "condition": row["condition"]}
+        )
+    for entry in series.values():
+        entry["points"].sort(key=lambda point: point["alpha"])
+    return list(series.values())
+
+
+def report_figure(summary: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """The report's matplotlib Figure: hit rate against alpha (a numeric axis), one line with
+    Wilson 95% error bars per `plot_series` entry, the null control dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    conditions = list(dict.fromkeys(row["condition"] for row in summary))
-    detectors = list(dict.fromkeys(row["detector"] for row in summary))
     fig = Figure(figsize=PNG_SIZE, dpi=PNG_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    width = 0.3 / max(len(detectors), 1)
-    for k, detector in enumerate(detectors):
-        rows = {r["condition"]: r for r in summary if r["detector"] == detector}
-        # Nudge each detector sideways so error bars of equal rates do not hide each other.
-        xs, ys, lo, hi = [], [], [], []
-        for i, condition in enumerate(conditions):
-            row = rows.get(condition)
-            if row is None or row["rate"] is None:
-                continue
-            xs.append(i + (k - (len(detectors) - 1) / 2) * width)
-            ys.append(row["rate"])
-            lo.append(max(0.0, row["rate"] - row["ci95"][0]))  # float rounding at 0 or 1 hits
-            hi.append(max(0.0, row["ci95"][1] - row["rate"]))
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=detector)
-    ax.set_xticks(
-        range(len(conditions)),
-        conditions,
-        rotation=20 if len(conditions) > 4 else 0,
-        ha="right" if len(conditions) > 4 else "center",
-    )
-    ax.set_xlim(-0.5, len(conditions) - 0.5)
+    series = [s for s in plot_series(summary) if s["points"]]
+    alphas = sorted({p["alpha"] for s in series for p in s["points"]})
+    span = (alphas[-1] - alphas[0]) if len(alphas) > 1 else 1.0
+    for k, entry in enumerate(series):
+        # Nudge each series sideways so error bars of equal rates at one alpha do not hide each other.
+        nudge = (k - (len(series) - 1) / 2) * 0.008 * span
+        points = entry["points"]
+        below = [max(0.0, p["rate"] - p["lo"]) for p in points]  # max: float rounding at 0 or 1 hits
+        above = [max(0.0, p["hi"] - p["rate"]) for p in points]
+        ax.errorbar(
+            [p["alpha"] + nudge for p in points],
+            [p["rate"] for p in points],
+            yerr=[below, above],
+            marker="s" if entry["control"] else "o",
+            linestyle="--" if entry["control"] else "-",
+            capsize=4,
+            label=f"{entry['arm']} · {entry['detector']}",
+        )
+    if alphas:
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+        ax.set_xlim(alphas[0] - 0.08 * span, alphas[-1] + 0.08 * span)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("hit rate (Wilson 95% interval)")
-    ax.set_xlabel("condition")
+    ax.set_xlabel("alpha")
     if title:
         ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(title="detector")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(title="arm · detector", fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def report_png(summary: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """`report_figure` written to `path` as a PNG."""
     path = Path(path)
-    fig.savefig(path, format="png")
+    report_figure(summary, title).savefig(path, format="png")
     return path
 
 

@@ -1,4 +1,4 @@
-// Experiments: submit a small hunt, watch progress, plot rate per condition with 95% intervals,
+// Experiments: submit a small hunt, watch progress, plot hit rate against alpha with 95% intervals,
 // and browse the hits. A hit can be replayed through /generate_lda with `details` to colour it
 // (stored samples keep text only), using the seed and sampling fields the experiment stored.
 
@@ -80,7 +80,7 @@ async function showDetail(id) {
     el("h2", {}, `${exp.name} `, el("span", { class: `status s-${exp.status}` }, exp.status)),
     exp.error ? el("p", { class: "field-error" }, exp.error) : null,
     progressBar(exp.progress.done, exp.progress.total, "progress"),
-    ratePlot(exp.summary, `${exp.name}: rate per condition, 95% intervals`),
+    ratePlot(exp.summary, `${exp.name}: hit rate against alpha, 95% intervals`),
     el("table", { class: "summary" },
       el("thead", {}, el("tr", {}, ["condition", "detector", "hits", "rate", "95% CI"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)),

@@ -1,4 +1,4 @@
-// Hand-written SVG charts: the experiment's rate per condition with its 95% interval, the
+// Hand-written SVG charts: the experiment's hit rate against alpha with 95% intervals, the
 // per-task loss curves of a weight-diff job, a diffing job's KL histogram. No library: a few axes, marks and labels.
 
 const NS = "http://www.w3.org/2000/svg";
@@ -34,43 +34,78 @@ function yAxis(root, pad, width, y, top, format) {
   }
 }
 
+/** The series a summary row belongs to: its label without the alpha ("LDA" for plain alphas). */
+export function arm(row) {
+  const head = row.condition.slice(0, row.condition.lastIndexOf("alpha=")).trim();
+  return head || "LDA";
+}
+
 /**
- * Rate per condition (one mark each, with its Wilson 95% interval as a bar), one series per detector.
- * `summary` rows: {condition, condition_index, detector, rate, ci95: [lo, hi], hits, total}.
+ * One series per arm and detector, in summary order, points sorted by alpha; rows without samples
+ * left out (as lda.experiments.report.plot_series, which draws report.png).
+ */
+export function rateSeries(summary) {
+  const series = new Map();
+  for (const r of summary) {
+    const key = `${arm(r)}\u0000${r.detector}`;
+    if (!series.has(key)) series.set(key, { arm: arm(r), detector: r.detector, control: !!r.control, rows: [] });
+    if (r.total) series.get(key).rows.push(r);
+  }
+  const all = [...series.values()];
+  for (const s of all) s.rows.sort((a, b) => a.alpha - b.alpha);
+  return all;
+}
+
+/**
+ * Hit rate against alpha (a numeric axis), one line per arm and detector with each point's Wilson
+ * 95% interval as a bar; the null control dashed, so it never reads as the next alpha.
+ * `summary` rows: {condition, alpha, control, detector, rate, ci95: [lo, hi], hits, total}.
  */
 export function ratePlot(summary, title) {
-  const conditions = [...new Map(summary.map((r) => [r.condition_index, r.condition])).values()];
-  const detectors = [...new Set(summary.map((r) => r.detector))];
-  const width = Math.max(360, 90 * conditions.length + 100);
-  const height = 280;
-  const pad = { l: 56, r: 16, t: 28, b: 56 };
+  const series = rateSeries(summary);
+  const alphas = [...new Set(summary.map((r) => r.alpha))].sort((a, b) => a - b);
+  const lo = alphas[0] ?? 0;
+  const span = alphas.length > 1 ? alphas[alphas.length - 1] - lo : 1;
+  const width = Math.max(420, 60 * alphas.length + 160);
+  const legendRows = Math.ceil(series.length / 3);
+  const height = 260 + 18 * legendRows;
+  const pad = { l: 56, r: 24, t: 28, b: 48 + 18 * legendRows };
   const top = niceMax(Math.max(0.01, ...summary.map((r) => r.ci95[1] ?? 0)));
   const y = (v) => pad.t + (height - pad.t - pad.b) * (1 - v / top);
-  const slot = (width - pad.l - pad.r) / conditions.length;
+  const inner = width - pad.l - pad.r;
+  const x = (a) => pad.l + inner * (0.06 + 0.88 * ((a - lo) / span));
   const root = frame(width, height, pad, title);
   yAxis(root, pad, width, y, top, (v) => `${+(100 * v).toFixed(1)}%`);
-  root.append(svg("text", { x: 14, y: pad.t + (height - pad.t - pad.b) / 2, class: "axis-label",
-    transform: `rotate(-90 14 ${pad.t + (height - pad.t - pad.b) / 2})`, "text-anchor": "middle" }, "rate"));
+  const mid = pad.t + (height - pad.t - pad.b) / 2;
+  root.append(svg("text", { x: 14, y: mid, class: "axis-label", transform: `rotate(-90 14 ${mid})`, "text-anchor": "middle" }, "rate"));
   root.append(svg("text", { x: pad.l, y: 16, class: "chart-title" }, title));
-  conditions.forEach((label, c) => {
-    const cx = pad.l + slot * (c + 0.5);
-    root.append(svg("text", { x: cx, y: height - pad.b + 18, "text-anchor": "middle", class: "tick" }, label));
-  });
-  detectors.forEach((det, d) => {
-    const colour = SERIES[d % SERIES.length];
-    const offset = (d - (detectors.length - 1) / 2) * 12;
-    for (const r of summary.filter((row) => row.detector === det)) {
-      const cx = pad.l + slot * (r.condition_index + 0.5) + offset;
-      const g = svg("g", { class: "rate-mark", "data-condition": r.condition, "data-detector": det });
-      g.append(svg("title", {}, `${r.condition} · ${det}: ${r.hits}/${r.total}, 95% [${pctText(r.ci95[0])}, ${pctText(r.ci95[1])}]`));
-      if (r.total) {
-        g.append(svg("line", { x1: cx, x2: cx, y1: y(r.ci95[0]), y2: y(r.ci95[1]), stroke: colour, class: "interval" }));
-        for (const v of r.ci95) g.append(svg("line", { x1: cx - 5, x2: cx + 5, y1: y(v), y2: y(v), stroke: colour, class: "interval" }));
-        g.append(svg("circle", { cx, cy: y(r.rate), r: 4.5, fill: colour }));
-      }
+  for (const a of alphas) {
+    root.append(svg("text", { x: x(a), y: height - pad.b + 16, "text-anchor": "middle", class: "tick" }, `${a}`));
+  }
+  root.append(svg("text", { x: pad.l + inner / 2, y: height - pad.b + 32, "text-anchor": "middle", class: "axis-label" }, "alpha"));
+  series.forEach((s, k) => {
+    const colour = SERIES[k % SERIES.length];
+    const nudge = (k - (series.length - 1) / 2) * 6; // px: equal rates at one alpha stay apart
+    const px = (r) => x(r.alpha) + nudge;
+    const dash = s.control ? { "stroke-dasharray": "6 4" } : {};
+    if (s.rows.length > 1) {
+      const points = s.rows.map((r) => `${px(r).toFixed(1)},${y(r.rate).toFixed(1)}`).join(" ");
+      root.append(svg("polyline", { points, fill: "none", stroke: colour, "stroke-width": 2, class: "rate-line",
+        "data-arm": s.arm, "data-detector": s.detector, ...dash }));
+    }
+    for (const r of s.rows) {
+      const cx = px(r);
+      const g = svg("g", { class: "rate-mark", "data-condition": r.condition, "data-detector": s.detector });
+      g.append(svg("title", {}, `${r.condition} · ${s.detector}: ${r.hits}/${r.total}, 95% [${pctText(r.ci95[0])}, ${pctText(r.ci95[1])}]`));
+      g.append(svg("line", { x1: cx, x2: cx, y1: y(r.ci95[0]), y2: y(r.ci95[1]), stroke: colour, class: "interval" }));
+      for (const v of r.ci95) g.append(svg("line", { x1: cx - 5, x2: cx + 5, y1: y(v), y2: y(v), stroke: colour, class: "interval" }));
+      g.append(s.control ? svg("rect", { x: cx - 4, y: y(r.rate) - 4, width: 8, height: 8, fill: colour })
+        : svg("circle", { cx, cy: y(r.rate), r: 4.5, fill: colour }));
       root.append(g);
     }
-    root.append(svg("text", { x: pad.l + 8 + 120 * d, y: height - 12, fill: colour, class: "legend-text" }, `● ${det}`));
+    const lx = pad.l + 8 + (inner / 3) * (k % 3);
+    const ly = height - 12 - 18 * (legendRows - 1 - Math.floor(k / 3));
+    root.append(svg("text", { x: lx, y: ly, fill: colour, class: "legend-text" }, `${s.control ? "- -" : "—"} ${s.arm} · ${s.detector}`));
   });
   return root;
 }
