@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Linux machine with Python 3.11+:
 #   make serve   start the server on the embedded demo pair at http://127.0.0.1:8000
-#   make test    run the test suite
+#   make test    run the test suite (and build the documentation site: make docs)
 # Both create .venv and install the pinned dependencies first (once).
 #   make test-latest   the suite on the newest releases, pyproject.toml's caps lifted (.venv-latest)
 
@@ -20,13 +20,13 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 # where pip can find its CPU wheel: make test-latest LATEST_TORCH=torch==2.14.1
 LATEST_TORCH ?= $(shell grep -m1 '^torch==' requirements.lock)
 
-.PHONY: serve test test-latest lint bench install clean image-test gpu-check gpu-wheels
+.PHONY: serve test test-latest lint bench install clean image-test gpu-check gpu-wheels docs docs-serve
 
-$(STAMP): requirements.lock requirements-test.lock pyproject.toml
+$(STAMP): requirements.lock requirements-test.lock requirements-docs.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock -r requirements-test.lock
+	$(PY) -m pip install --quiet -r requirements.lock -r requirements-test.lock -r requirements-docs.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
@@ -45,7 +45,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m app
 
-test: $(STAMP) $(ACTIONLINT) $(STAMP_EVALS)
+test: $(STAMP) $(ACTIONLINT) $(STAMP_EVALS) docs
 	HF_HUB_OFFLINE=1 EVALS_VENV=$(VENV_EVALS) $(PY) -m pytest -q
 
 # How to vet new releases before raising a cap in pyproject.toml: a fresh .venv-latest, no locks,
@@ -65,13 +65,23 @@ test-latest: $(ACTIONLINT)
 	@echo "versions under test: $(VENV_LATEST)/installed.txt"
 	HF_HUB_OFFLINE=1 $(PY_LATEST) -m pytest -q
 
+# The documentation site (mkdocs.yml, sources under docs/) into site/. --strict: a broken link or a
+# missing page fails the build. The configuration and HTTP reference pages are generated at build
+# time by docs/hooks/generated.py (from app.settings.Settings and the app's OpenAPI schema).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The site at http://127.0.0.1:8001 (8000 is the server's), rebuilt on every change.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8001
+
 lint: $(STAMP) $(ACTIONLINT)
 	$(PY) -m pytest -q tests/test_lint.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m tests.benchmarks.bench_lda
 
-# The GPU check: CUDA tests and the benchmarks on a ~1B pair, one JSON report (README "GPU check").
+# The GPU check: CUDA tests and the benchmarks on a ~1B pair, one JSON report (docs/gpu-check.md).
 # It picks its own Python (a GPU image's python3 plus .whl/, a fresh venv, or .venv); on a CPU
 # machine it runs everything at tiny sizes. gpu-wheels fetches the locked packages a GPU image lacks.
 GPU_WHEELS ?= .whl

@@ -22,12 +22,14 @@ class Settings(BaseSettings):
     )
     tokenizer_class_before: str | None = Field(None, description="tokenizer class override for the base")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = "auto"
+    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU"
+    )
     device_map: str | None = Field(None, description="accelerate device_map (e.g. auto) for large models")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="run code shipped with a checkpoint")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="port")
     port_health: int | None = Field(
         None, ge=1, le=65535, description="extra port answering /ping and /health (RunPod serverless)"
     )
@@ -35,7 +37,7 @@ class Settings(BaseSettings):
     shutdown_timeout: int = Field(
         30, ge=0, description="seconds SIGTERM waits for in-flight requests before closing them"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     adapter_roots: str = Field(
         "", description="comma-separated dirs adapters may load from (DATA_DIR always)"
@@ -72,7 +74,7 @@ class Settings(BaseSettings):
         description="prompt tokens prefilled between two decode steps while rows decode (at least one "
         "request joins per step), so a flood of new requests cannot stall the running batch",
     )
-    max_stop_strings: int = Field(16, ge=0)
+    max_stop_strings: int = Field(16, ge=0, description="stop strings per request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_concurrent_streams: int = Field(16, ge=1, description="open SSE streams at once (429 above)")
     max_weightdiff_tasks: int = Field(64, ge=1, description="tasks per weight-diff job")

@@ -36,10 +36,10 @@ def test_dockerfile_matches_the_runpod_volume_and_ports():
     assert 'ENTRYPOINT ["/srv/start.sh"]' in text
 
 
-def test_the_vast_onstart_script_is_in_the_image_where_the_readme_says():
+def test_the_vast_onstart_script_is_in_the_image_where_the_docs_say():
     text = (ROOT / "Dockerfile").read_text()
     assert "COPY deploy/vast/onstart.sh ./vast-onstart.sh" in text and "WORKDIR /srv" in text
-    assert "bash /srv/vast-onstart.sh" in (ROOT / "README.md").read_text()
+    assert "bash /srv/vast-onstart.sh" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 def test_the_workflow_publishes_both_cuda_variants_the_probe_and_templates_name():
@@ -72,9 +72,9 @@ def test_the_workflow_publishes_both_cuda_variants_the_probe_and_templates_name(
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:13\.0\.", dockerfile, re.M)  # the default: CUDA 13.0
     for name, value in args.items():  # the Dockerfile's own example builds the same variant
         assert f"--build-arg {name}={value}" in dockerfile
-    readme = (ROOT / "README.md").read_text()
+    deploy_page = (ROOT / "docs" / "deploy.md").read_text()  # the site's Deploy page
     for name, value in args.items():
-        assert f"--build-arg {name}={value}" in readme
+        assert f"--build-arg {name}={value}" in deploy_page
     for name in ("template.json", "serverless.json"):
         text = json.loads((ROOT / "deploy" / "runpod" / name).read_text())["readme"]
         assert ":latest" in text and f":{CUDA12_TAG}" in text
