@@ -49,14 +49,14 @@ test: $(STAMP) $(ACTIONLINT) $(STAMP_EVALS) docs
 	HF_HUB_OFFLINE=1 EVALS_VENV=$(VENV_EVALS) $(PY) -m pytest -q
 
 # How to vet new releases before raising a cap in pyproject.toml: a fresh .venv-latest, no locks,
-# every dependency (with the test and ray extras) upgraded to the newest release its lower bound
+# every dependency (with the test, ray and docs extras) upgraded to the newest release its lower bound
 # allows (tests/tools/uncapped_requirements.py lifts the caps), torch held at LATEST_TORCH. The
 # project goes in with --no-deps since its own caps would pull the upgrades back down.
 test-latest: $(ACTIONLINT)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
 	$(PYTHON) -m venv --clear $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --quiet --upgrade pip
-	$(PYTHON) tests/tools/uncapped_requirements.py pyproject.toml test ray > $(VENV_LATEST)/uncapped.txt
+	$(PYTHON) tests/tools/uncapped_requirements.py pyproject.toml test ray docs > $(VENV_LATEST)/uncapped.txt
 	echo '$(LATEST_TORCH)' > $(VENV_LATEST)/torch-constraint.txt
 	$(PY_LATEST) -m pip install --quiet --upgrade --upgrade-strategy eager \
 		-c $(VENV_LATEST)/torch-constraint.txt -r $(VENV_LATEST)/uncapped.txt

@@ -97,7 +97,8 @@ def type_text(schema: dict[str, Any]) -> str:
     if not schema:
         return "any"
     if "$ref" in schema:
-        return _ref_name(schema["$ref"])
+        name = _ref_name(schema["$ref"])
+        return f"[{name}](#{name.lower()})"  # the schema's heading under "Schemas" below
     if "const" in schema:
         return f"`{schema['const']!r}`".replace("'", '"')
     if "enum" in schema:
@@ -145,18 +146,25 @@ def route_markdown(path: str, method: str, op: dict[str, Any], components: dict[
         out += [op["description"].strip(), ""]
     params = op.get("parameters", [])
     if params:
-        out += ["Parameters:", "", "| name | in | type | required | description |", "|---|---|---|---|---|"]
+        out += [
+            "Parameters:",
+            "",
+            "| name | in | type | required | default | description |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in params:
+            schema = p.get("schema", {})
+            default = f"`{json.dumps(schema['default'])}`" if "default" in schema else ""
             out.append(
-                f"| `{p['name']}` | {p['in']} | {cell(type_text(p.get('schema', {})))} "
-                f"| {'yes' if p.get('required') else ''} | {cell(p.get('description', ''))} |"
+                f"| `{p['name']}` | {p['in']} | {cell(type_text(schema))} "
+                f"| {'yes' if p.get('required') else ''} | {cell(default)} | {cell(p.get('description', ''))} |"
             )
         out.append("")
     body = op.get("requestBody")
     if body:
         for media, content in body.get("content", {}).items():
             schema = content.get("schema", {})
-            name = f" ({_ref_name(schema['$ref'])})" if "$ref" in schema else ""
+            name = f" ({type_text(schema)})" if "$ref" in schema else ""
             out += [f"Request body, `{media}`{name}:", ""]
             out += fields_table(schema, components)
             out.append("")
@@ -174,23 +182,42 @@ def route_markdown(path: str, method: str, op: dict[str, Any], components: dict[
     return out
 
 
+# Sections of the reference, by a path's first segment (the lens that serves it); the guide for each.
+SECTIONS = {
+    "generate_lda": ("LDA generation", "lda.md"),
+    "generate_lda_batch": ("LDA generation", "lda.md"),
+    "generate": ("LDA generation", "lda.md"),
+    "adapters": ("Adapters and amplification", "amplification.md"),
+    "amplification": ("Adapters and amplification", "amplification.md"),
+    "weightdiff": ("Weight-diff jobs", "weight-diffs.md"),
+    "dit": ("DIT interpreter", "dit.md"),
+    "diffing": ("Diffing jobs", "diffing.md"),
+    "experiments": ("Experiments", "experiments.md"),
+    "v1": ("OpenAI- and vLLM-compatible routes", "openai.md"),
+    "tokenize": ("OpenAI- and vLLM-compatible routes", "openai.md"),
+    "detokenize": ("OpenAI- and vLLM-compatible routes", "openai.md"),
+    "tokenizer_info": ("OpenAI- and vLLM-compatible routes", "openai.md"),
+}
+SYSTEM = ("System: health, readiness, information, metrics", "lda.md")
+
+
+def section_of(path: str) -> tuple[str, str]:
+    return SECTIONS.get(path.strip("/").split("/")[0], SYSTEM)
+
+
 def routes_markdown(schema: dict[str, Any]) -> str:
     components = schema.get("components", {}).get("schemas", {})
-    groups: dict[str, list[str]] = {}
-    for path, item in schema["paths"].items():
-        for method in METHODS:
-            if method in item:
-                op = item[method]
-                tag = (op.get("tags") or [path.strip("/").split("/")[0] or "root"])[0]
-                groups.setdefault(tag, []).extend(route_markdown(path, method, op, components))
+    groups: dict[tuple[str, str], list[str]] = {}
     index = ["| method | path | summary |", "|---|---|---|"]
     for path, item in schema["paths"].items():
         for method in METHODS:
             if method in item:
-                index.append(f"| {method.upper()} | `{path}` | {cell(item[method].get('summary', ''))} |")
+                op = item[method]
+                groups.setdefault(section_of(path), []).extend(route_markdown(path, method, op, components))
+                index.append(f"| {method.upper()} | `{path}` | {cell(op.get('summary', ''))} |")
     out = ["## All routes", "", *index, ""]
-    for tag, lines in groups.items():
-        out += [f"## {tag}", "", *lines]
+    for (title, guide), lines in groups.items():
+        out += [f"## {title}", "", f"In use: the [guide]({guide}).", "", *lines]
     out += ["## Schemas", "", "The request and response bodies the routes above name.", ""]
     for name, comp in components.items():
         out += [f"### {name}", ""]
