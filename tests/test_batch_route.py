@@ -290,8 +290,8 @@ def test_the_seed_clients_sleeper_experiment(demo_server):
     The seed's server answered all of these calls with 400. Rows must stop at EOS: the seed's
     batched path sampled past it, which put the alpha-0 rate near 60% instead of ~1%.
     Measured on 2 CPU cores (five runs): 0.8-1.6% at alpha 0, 15-19% at alpha 2, 16-18 s in all.
-    The odds of a false failure with random seeds, taking p0 = 1.25% and p2 = 15% (the README's
-    table, measured at 60 tokens, says 16.5% at alpha 2): P(X0 >= 100 of 1000) ~ 4e-56,
+    The odds of a false failure with random seeds, taking p0 = 1.25% and p2 = 15% (the demo table in
+    docs/index.md, measured at 60 tokens, says 16.5% at alpha 2): P(X0 >= 100 of 1000) ~ 4e-56,
     P(X2 < 80 of 1000) ~ 7e-12, P(3 X0 >= X2) ~ 1e-11; below 1e-10 in all.
     """
     prompts = list(itertools.islice(itertools.cycle(demo_prompts()), SEED_CLIENT_PROMPTS))

@@ -4,7 +4,7 @@
         [--budgets 96 200 400 800] [--max-reps 8] [--max-new-tokens 60]
 
 Everything runs through `/experiments` on an in-process app (TestClient, the server's decode loop,
-chunks and detectors), with the README demo table's sampling (the 8 demo prompts, temperature 1,
+chunks and detectors), with the demo table's sampling (docs/index.md: the 8 demo prompts, temperature 1,
 top_p 1, at most 60 new tokens), in two experiments:
 
 - the reference: `--ref-samples` samples at alpha 0 (seed 10**9, disjoint from the rest); its rate
