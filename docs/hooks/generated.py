@@ -155,9 +155,10 @@ def route_markdown(path: str, method: str, op: dict[str, Any], components: dict[
         for p in params:
             schema = p.get("schema", {})
             default = f"`{json.dumps(schema['default'])}`" if "default" in schema else ""
+            required = "yes" if p.get("required") else ""
             out.append(
-                f"| `{p['name']}` | {p['in']} | {cell(type_text(schema))} "
-                f"| {'yes' if p.get('required') else ''} | {cell(default)} | {cell(p.get('description', ''))} |"
+                f"| `{p['name']}` | {p['in']} | {cell(type_text(schema))} | {required} "
+                f"| {cell(default)} | {cell(p.get('description', ''))} |"
             )
         out.append("")
     body = op.get("requestBody")
