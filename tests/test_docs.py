@@ -4,12 +4,14 @@ The site is built once per module into a temporary folder (`mkdocs build --stric
 2 cores). Checked: the build passes with no warning (a broken link or anchor fails --strict); no
 page loads anything from another host (a `<script src>`, a `<link href>`, a CSS `@import` or font
 URL); the generated configuration page lists every `Settings` field's environment variable; the
-generated HTTP reference lists every route of the app's OpenAPI schema; the README's links into
-docs/ point at pages that exist.
+generated HTTP reference lists every route of the app's OpenAPI schema; every curl example's JSON
+body in the pages and the README is valid for its route's request schema (the examples are not run
+against a server here); the README's links into docs/ point at pages that exist.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -116,10 +118,15 @@ def test_the_configuration_page_lists_every_setting(site):
         assert field.description, f"Settings.{name} has no description= for the configuration page"
 
 
-def test_the_http_reference_lists_every_route(site):
+@pytest.fixture(scope="module")
+def openapi() -> dict:
     from app.main import create_app
 
-    schema = create_app(Settings(_env_file=None)).openapi()
+    return create_app(Settings(_env_file=None)).openapi()
+
+
+def test_the_http_reference_lists_every_route(site, openapi):
+    schema = openapi
     text = (site / "http-reference.html").read_text()
     missing = []
     for path, item in schema["paths"].items():
@@ -137,3 +144,32 @@ def test_the_readme_links_into_pages_that_exist():
     missing = [link for link in links if not (ROOT / link).exists()]
     assert not missing, missing
     assert "make docs" in readme
+
+
+# `curl [-s ...] [scheme://]HOST/ROUTE ... -d '{...}'`, over continuation lines.
+CURL = re.compile(
+    r"curl (?:-\S+ )*(?:https?://)?[^/\s]+(/[^\s'\"?]*)[^\n]*?(?:\\\n[^\n]*?)*?-d '(\{.*?\})'", re.DOTALL
+)
+
+
+def test_every_curl_example_body_fits_its_route(openapi):
+    import jsonschema
+
+    checked, bad = 0, []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in CURL.finditer(page.read_text()):
+            route, body = match.groups()
+            where = f"{page.relative_to(ROOT)}: POST {route}"
+            op = openapi["paths"].get(route, {}).get("post")
+            if op is None:
+                bad.append(f"{where}: no such route")
+                continue
+            body_schema = op["requestBody"]["content"]["application/json"]["schema"]
+            schema = {**body_schema, "components": openapi["components"]}
+            try:
+                jsonschema.validate(json.loads(body), schema)
+            except (ValueError, jsonschema.ValidationError) as exc:
+                bad.append(f"{where}: {str(exc).splitlines()[0]}")
+            checked += 1
+    assert checked >= 30
+    assert not bad, bad
