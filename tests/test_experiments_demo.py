@@ -1,31 +1,31 @@
-"""The README's demo marker table (alpha 0, 1, 2, 4; 400 samples each) reproduced through `/experiments`.
+"""The demo marker table of docs/index.md (alpha 0, 1, 2, 4; 400 samples each) through `/experiments`.
 
-The README's table (`tests/benchmarks/demo_rates.py`) samples the eight demo prompts in turn
+The table's source (`tests/benchmarks/demo_rates.py`) samples the eight demo prompts in turn
 (sample i: prompt i % 8, seed i), temperature 1, top_p 1, at most 60 new tokens, through the decode
 loop directly. Two checks here, both on the full 4 x 400 samples (about 25 s each on 2 CPU cores,
 under the ~90 s budget, so nothing had to be cut):
 
 1. `test_readme_table_same_seeds`: one experiment per alpha whose prompts are the demo prompts in
    turn, 50 times over, with n=1 and seed 0. Sample i is then index (0 * 400 + i) * 1 + 0 = i, so it
-   decodes prompt i % 8 with seed i: exactly the README's samples, now through the experiment
-   runner (chunks, prompt ids, the detector, the summary). Asserted: the README's rate lies in
-   each condition's 99.9% Wilson interval. On the machine that measured the README the hit counts
+   decodes prompt i % 8 with seed i: exactly the table's samples, now through the experiment
+   runner (chunks, prompt ids, the detector, the summary). Asserted: the table's rate lies in
+   each condition's 99.9% Wilson interval. On the machine that measured the table the hit counts
    are identical (5, 29, 66, 149); the interval, rather than equality, tolerates a token flipped
-   by float differences on another CPU. The README figure is not an independent draw here (same
+   by float differences on another CPU. The table's figure is not an independent draw here (same
    seeds), so a miss means the decode or the counting changed; even for independent samples with
-   the README's rates as the truth, a 99.9% interval misses at least one of 4 conditions with
+   the table's rates as the truth, a 99.9% interval misses at least one of 4 conditions with
    probability 0.49% (exact binomial sum; 17% with 95% intervals, which is why 95% is not
    asserted).
 
 2. `test_readme_table_fresh_samples`: the experiment as a user would write it, one experiment
    with alphas [0, 1, 2, 4], the 8 demo prompts and n=50 (seeds (c * 8 + p) * 50 + s: other
-   samples than the README's). Both rates are then estimates from 400 samples each, so the
+   samples than the table's). Both rates are then estimates from 400 samples each, so the
    "README figure inside the new interval" test is the wrong one: with both draws' noise a 95%
    interval misses at least one of 4 conditions with probability 53% (exact binomial sums at the
    README's rates), a 99.9% interval still 12%. Asserted instead: the pooled two-proportion test
    of (new hits / 400) against (README hits / 400) gives p >= 0.001 for every alpha (false failure
    0.30% over the 4 conditions when both come from the same rates, exact sum), and the rate rises
-   4 > 2 > 0, gaps of about 6.8 and 7.9 standard errors of the difference at the README's rates
+   4 > 2 > 0, gaps of about 6.8 and 7.9 standard errors of the difference at the table's rates
    (a reversal by chance: below 1e-10). Alphas 1 vs 0 and 2 vs 1 (about 4 standard errors) are not
    ordered by assertion. The 95% intervals are printed for the record.
 """
@@ -46,7 +46,7 @@ from app.main import create_app
 from app.settings import Settings
 
 SAMPLES = 400
-# README "The embedded demo pair": hits out of 400 (1.25%, 7.25%, 16.5%, 37.25%).
+# docs/index.md "The embedded demo pair": hits out of 400 (1.25%, 7.25%, 16.5%, 37.25%).
 README_HITS = {0.0: 5, 1.0: 29, 2.0: 66, 4.0: 149}
 Z999 = 3.290526731491926  # two-sided 99.9% normal quantile
 DETECTOR = {"name": "marker", "type": "substring", "patterns": [MARKER]}

@@ -8,7 +8,7 @@ free of errors (SEVERE entries) except the failed requests a test causes on purp
 
 Chromium and its driver are system packages (`chromium`, `chromium-driver`); without them the
 module is skipped, except under CI (`CI` set), where .ci/run installs them and a skip would hide a
-broken page. `WRITE_SCREENSHOTS=1` saves docs/page-*.png (the README's pictures) on the way.
+broken page. `WRITE_SCREENSHOTS=1` saves docs/page-*.png (the docs' pictures) on the way.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def console_errors(driver, allow=()):
 
 
 def screenshot(driver, name):
-    """docs/page-*.png for the README, only when asked: tests must not rewrite tracked files."""
+    """docs/page-*.png for the docs pages, only when asked: tests must not rewrite tracked files."""
     if os.environ.get("WRITE_SCREENSHOTS") == "1":
         driver.save_screenshot(str(DOCS / name))
 
