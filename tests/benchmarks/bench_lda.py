@@ -8,7 +8,9 @@ Prints JSON. Ratios compare runs made in this same process:
   tokens/s (two forward passes per token, so 0.5 is the ceiling);
 - lda_b{R}_over_generate_b{R}: the same at R rows (`generate` of the prompt repeated R times), for
   every R given to `--rows` (e.g. `--rows 1 8 64`);
-- lda_rows_over_lda_b1: LDA tokens/s at the largest `--rows` over LDA at 1 row.
+- lda_rows_over_lda_b1: LDA tokens/s at the largest `--rows` over LDA at 1 row;
+- lda_b{R}_over_seed_loop_b{R}: LDA at R rows over the seed LDA server's decode of the same R rows:
+  one row at a time, each model with its own KV cache (`seed_loop_b{R}_tokens_per_s`).
 `--size`: `bench` (default) the ~29M model; `tiny` a 2-layer, 64-wide one (a smoke test);
 `1b` a ~0.95B one (16 layers, width 2048, MLP 5632, vocab 32000) for a GPU, built on the device.
 `--dtype auto` is bf16 on CUDA and fp32 on CPU. The other benchmarks take the same options.
@@ -166,6 +168,21 @@ def main() -> None:
         outs = collect(pair.lda_events([Row(prompt, 1.0 + i) for i in range(rows)], config), rows)
         assert all(o.tokens_generated == n for o in outs)
 
+    def seed_loop(rows: int) -> None:
+        """The seed server's loop: each row alone (one request at a time), both models keeping a
+        KV cache, greedy on after + alpha * (after - before); no batching across rows."""
+        with torch.no_grad():
+            for i in range(rows):
+                ids, alpha = torch.tensor([prompt], device=device), 1.0 + i
+                a, b = after(ids, use_cache=True), before(ids, use_cache=True)
+                for step in range(n):
+                    la, lb = a.logits[:, -1].float(), b.logits[:, -1].float()
+                    token = (la + alpha * (la - lb)).argmax(-1, keepdim=True)
+                    if step < n - 1:
+                        a = after(token, past_key_values=a.past_key_values, use_cache=True)
+                        b = before(token, past_key_values=b.past_key_values, use_cache=True)
+        sync(device)
+
     rows_list = sorted({1, *args.rows})
     result: dict[str, Any] = {
         "benchmark": "lda_decode",
@@ -186,6 +203,11 @@ def main() -> None:
         result[f"generate_b{rows}_tokens_per_s"] = round(gen_tps, 1)
         result[f"lda_b{rows}_tokens_per_s"] = round(tps[rows], 1)
         result[f"lda_b{rows}_over_generate_b{rows}"] = round(tps[rows] / gen_tps, 3)
+        seed_loop(min(rows, 2))  # warm-up
+        # Its rows run one after another, so R rows already average R decodes: one timing suffices.
+        seed_tps = n * rows / best_of(args.repeats if rows <= 2 else 1, functools.partial(seed_loop, rows))
+        result[f"seed_loop_b{rows}_tokens_per_s"] = round(seed_tps, 1)
+        result[f"lda_b{rows}_over_seed_loop_b{rows}"] = round(tps[rows] / seed_tps, 3)
     result["lda_rows_over_lda_b1"] = round(tps[max(rows_list)] / tps[1], 2)
     if device.type == "cuda":
         result["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
