@@ -10,7 +10,8 @@ Prints JSON. Ratios compare runs made in this same process:
   every R given to `--rows` (e.g. `--rows 1 8 64`);
 - lda_rows_over_lda_b1: LDA tokens/s at the largest `--rows` over LDA at 1 row;
 - lda_b{R}_over_seed_loop_b{R}: LDA at R rows over the seed LDA server's decode of the same R rows:
-  one row at a time, each model with its own KV cache (`seed_loop_b{R}_tokens_per_s`).
+  one row at a time, each model with its own KV cache (`seed_loop_b{R}_tokens_per_s`);
+  `seed_loop_same_tokens_as_lda_b1` says the two decoded the same tokens at 1 row.
 `--size`: `bench` (default) the ~29M model; `tiny` a 2-layer, 64-wide one (a smoke test);
 `1b` a ~0.95B one (16 layers, width 2048, MLP 5632, vocab 32000) for a GPU, built on the device.
 `--dtype auto` is bf16 on CUDA and fp32 on CPU. The other benchmarks take the same options.
@@ -168,20 +169,31 @@ def main() -> None:
         outs = collect(pair.lda_events([Row(prompt, 1.0 + i) for i in range(rows)], config), rows)
         assert all(o.tokens_generated == n for o in outs)
 
-    def seed_loop(rows: int) -> None:
+    def seed_loop(rows: int) -> list[list[int]]:
         """The seed server's loop: each row alone (one request at a time), both models keeping a
         KV cache, greedy on after + alpha * (after - before); no batching across rows."""
+        out = []
         with torch.no_grad():
             for i in range(rows):
-                ids, alpha = torch.tensor([prompt], device=device), 1.0 + i
+                ids, alpha, tokens = torch.tensor([prompt], device=device), 1.0 + i, []
                 a, b = after(ids, use_cache=True), before(ids, use_cache=True)
                 for step in range(n):
                     la, lb = a.logits[:, -1].float(), b.logits[:, -1].float()
                     token = (la + alpha * (la - lb)).argmax(-1, keepdim=True)
+                    tokens.append(int(token))
                     if step < n - 1:
                         a = after(token, past_key_values=a.past_key_values, use_cache=True)
                         b = before(token, past_key_values=b.past_key_values, use_cache=True)
+                out.append(tokens)
         sync(device)
+        return out
+
+    # The baseline decodes what LDA decodes (greedy, the same alpha): the first token always, and
+    # in fp32 every token (a bf16 GPU run may part ways after a near tie).
+    seed_tokens = seed_loop(1)[0]
+    lda_tokens = collect(pair.lda_events([Row(prompt, 1.0)], config), 1)[0].token_ids
+    assert seed_tokens[0] == lda_tokens[0], (seed_tokens[:8], lda_tokens[:8])
+    same_tokens = seed_tokens == list(lda_tokens)
 
     rows_list = sorted({1, *args.rows})
     result: dict[str, Any] = {
@@ -209,6 +221,7 @@ def main() -> None:
         result[f"seed_loop_b{rows}_tokens_per_s"] = round(seed_tps, 1)
         result[f"lda_b{rows}_over_seed_loop_b{rows}"] = round(tps[rows] / seed_tps, 3)
     result["lda_rows_over_lda_b1"] = round(tps[max(rows_list)] / tps[1], 2)
+    result["seed_loop_same_tokens_as_lda_b1"] = same_tokens
     if device.type == "cuda":
         result["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     print(json.dumps(result, indent=2))
