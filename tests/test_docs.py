@@ -5,8 +5,8 @@ The site is built once per module into a temporary folder (`mkdocs build --stric
 page loads anything from another host (a `<script src>`, a `<link href>`, a CSS `@import` or font
 URL); the generated configuration page lists every `Settings` field's environment variable; the
 generated HTTP reference lists every route of the app's OpenAPI schema; every curl example's JSON
-body in the pages and the README is valid for its route's request schema (the examples are not run
-against a server here); the README's links into docs/ point at pages that exist.
+body in the pages and the README is valid for its route's request schema (tests/test_docs_examples.py
+runs them against a server); the README's links into docs/ point at pages that exist.
 """
 
 from __future__ import annotations

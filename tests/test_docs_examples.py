@@ -1,7 +1,7 @@
 """Every shell example in the pages and the README runs against a live demo server (issue 22).
 
 One real server for the module: uvicorn in a background thread on the app built over a temporary
-DATA_DIR holding a copy of the session's demo pair. Every ```bash block of README.md and docs/*.md
+DATA_DIR holding a copy of the session's demo pair. Every ```bash (sh, shell, console) block of README.md and docs/*.md
 (README first, then the pages in the site's nav order) is split into commands (backslash
 continuations and quoted newlines kept, comments apart), and each command that talks to the server
 (`curl ... localhost:8000 ...`, or `python -m app.experiment`, which reads SERVER_URL) runs in page
@@ -37,7 +37,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+FENCE = re.compile(r"^```(?:bash|sh|shell|console)[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 NOT_TESTED = re.compile(r"<!--\s*not tested:\s*(.+?)\s*-->\s*$")
 ADDRESS = re.compile(r"(?:https?://)?(?:localhost|127\.0\.0\.1):8000")
 CAPTURE = re.compile(r'"(\w+)":\s*"([A-Z][A-Z0-9_]*)"')
