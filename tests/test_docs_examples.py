@@ -13,7 +13,8 @@ Conventions the pages follow:
 - a command followed by `# -> {... "key": "UPPER_NAME" ...}` captures that key of its JSON output,
   and UPPER_NAME is replaced by it in the later commands of the page and of later pages; when the
   command submitted a job (POST .../jobs or /experiments), a later command that uses the id first
-  waits until GET <route>/<id> says done;
+  waits until GET <route>/<id> says done; the top-level keys such a comment shows (`{"n", "exact",
+  ...}` lists keys) must be in the response;
 - a block right after `<!-- not tested: REASON -->` is skipped (docker, pip install, clusters, GPUs,
   hub downloads, minutes of run time); an unmarked block with no runnable command fails the test
   unless all its commands are harmless (`export`), so a new example cannot go untested silently.
@@ -52,6 +53,7 @@ class Command:
     text: str
     line: int
     captures: dict[str, str] = field(default_factory=dict)  # UPPER_NAME -> key of the JSON output
+    shown: str = ""  # the `# -> ...` comment after it (and its continuation lines), "" if none
 
 
 @dataclass
@@ -142,16 +144,50 @@ def blocks() -> list[Block]:
             before = [ln for ln in text[: match.start()].splitlines() if ln.strip()]
             marker = NOT_TESTED.search(before[-1]) if before else None
             commands: list[Command] = []
+            shown_line = None  # the line of the last `# -> ...` comment line, to join what continues it
             for kind, at, item in split(match.group(1), line):
                 if kind == "command":
                     commands.append(Command(item, at))
+                    shown_line = None
                 elif item.startswith("# ->") and commands:
-                    for key, name in CAPTURE.findall(item):
-                        commands[-1].captures[name] = key
+                    commands[-1].shown = item[4:].strip()
+                    shown_line = at
+                elif shown_line is not None and at == shown_line + 1:
+                    commands[-1].shown += " " + item[1:].strip()
+                    shown_line = at
+            for command in commands:
+                for key, name in CAPTURE.findall(command.shown):
+                    command.captures[name] = key
             out.append(
                 Block(str(page.relative_to(ROOT)), line, match.group(1), marker and marker.group(1), commands)
             )
     return out
+
+
+def shown_keys(shown: str) -> list[str]:
+    """The top-level keys of the object a `# -> ...` comment shows (its first {...}): each string at
+    depth 1 that is not a value, so `{"id": "X", ...}` and a key list `{"n", "exact", ...}` alike."""
+    keys, depth, after_colon, i = [], 0, False, shown.find("{")
+    while 0 <= i < len(shown):
+        c = shown[i]
+        if c == '"':
+            end = shown.index('"', i + 1)
+            if depth == 1 and not after_colon:
+                keys.append(shown[i + 1 : end])
+            after_colon, i = False, end
+        elif c in "{[":
+            depth += 1
+            after_colon = False
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                break
+        elif c == ":":
+            after_colon = True
+        elif c == ",":
+            after_colon = False
+        i += 1
+    return keys
 
 
 def talks_to_server(command: str) -> bool:
@@ -171,6 +207,18 @@ def test_the_splitter():
         ("command", 7, 'echo "q\\"#"'),
         ("comment", 7, "# c2"),
     ]
+
+
+def test_the_shown_keys():
+    assert shown_keys('202 {"id": "JOB_ID", "status": "queued", ...}; GET /x') == ["id", "status"]
+    assert shown_keys('{"results": [{"diff": "d", "text": "t"}, ...]}') == ["results"]
+    assert shown_keys('{"n", "exact", "no_dit": {...}, "items": [{"diff", "text"}]}') == [
+        "n",
+        "exact",
+        "no_dit",
+        "items",
+    ]
+    assert shown_keys('{"lora_name": "LORA_NAME", "lora_path": ...}') == ["lora_name", "lora_path"]
 
 
 def test_every_block_runs_or_says_why_not():
@@ -331,8 +379,20 @@ def test_every_example_runs_against_the_demo_server(server, tmp_path):
                 continue
             if os.environ.get("DOCS_EXAMPLES_VERBOSE"):
                 print(f"{where}: {time.monotonic() - started:.1f} s")
-            if cmd.captures:
-                body = json.loads(proc.stdout)
+            if "{" in cmd.shown:
+                try:
+                    body = json.loads(proc.stdout)
+                except ValueError:
+                    failures.append(
+                        f"{where}: the page shows a JSON object, the server sent:\n{proc.stdout[:500]}"
+                    )
+                    continue
+                missing = [k for k in shown_keys(cmd.shown) if not isinstance(body, dict) or k not in body]
+                if missing:
+                    failures.append(
+                        f"{where}: the page shows {missing}, not in the response {str(body)[:500]}"
+                    )
+                    continue
                 route = JOB_ROUTES.search(ADDRESS.sub("", text.split(" -d ", 1)[0]))
                 for name, key in cmd.captures.items():
                     assert key in body, f"{where}: no {key!r} in {body}"
