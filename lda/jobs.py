@@ -203,6 +203,13 @@ class JobStore(RecordStore[JobRecord]):
             self._records[record.id] = snapshot
             write_json_atomic(self.dir(record.id) / self.FILE, asdict(snapshot))
 
+    def fail(self, job_id: str, message: str) -> JobRecord:
+        """Mark the job failed with `message` (what `GET` shows as its error)."""
+        record = self.require(job_id)
+        record.status, record.error, record.finished = "failed", message, time.time()
+        self.save(record)
+        return record
+
     def remove(self, job_id: str) -> JobRecord:
         """Delete a finished job: its record and its folder, outputs included.
 

@@ -155,7 +155,7 @@ async def drive_steps(
     except Exception as exc:  # a job failing never takes the server or other jobs down
         log.exception("%s job %s failed", kind, record.id)
         record.status, record.error, record.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
-        store.save(record)
+        store.save(record)  # the driver's live record (not store.fail's copy): `end` below reads it
     finally:
         if end is not None:
             await on_engine(engine, end)

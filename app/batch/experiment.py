@@ -5,7 +5,6 @@ ExperimentStore under `--out/experiments/`: `DATA_DIR=--out` lists it in /experi
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ class ExperimentKind:
         assert self.job_id is not None
         context = ChunkContext(self.job_id, pins, isolated=True)
         generate = chunk_generate(
-            loaded.pair, loaded.amp, self.fields, None, loaded.settings.max_batch_tokens,  # type: ignore[arg-type]
-            lambda: False, context, loaded.steerer,
+            loaded.pair, loaded.amp, self.fields, loaded.settings.max_batch_tokens, lambda: False, context,
+            loaded.steerer,
         )  # fmt: skip
         steps = run_chunk_steps(self.spec, range(block["start"], block["stop"]), generate)
         return run_alone(steps, loaded.scheduler())
@@ -115,8 +114,7 @@ class ExperimentOutput:
         paths = [folder / "summary.json", folder / "report.csv", folder / "report.png"]
         paths[0].write_text(json.dumps(body, indent=2) + "\n")
         paths[1].write_text(report_csv(body["summary"]))
-        with tempfile.TemporaryDirectory() as tmp:
-            paths[2].write_bytes(report_png(body["summary"], Path(tmp) / "r.png", title=kind.spec.name).read_bytes())
+        report_png(body["summary"], paths[2], title=kind.spec.name)
         return paths
 
     def describe(self, kind: ExperimentKind) -> str:

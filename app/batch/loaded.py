@@ -4,6 +4,7 @@ amplification configs), as the server's lifespan loads them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,13 +28,12 @@ class Loaded:
 
     def steerer(self, body: Any, where: str) -> Steering:
         """An ADL job's steering vector, read from the diffing jobs under DATA_DIR (as the server)."""
-        app = SimpleNamespace(state=SimpleNamespace(diffing_jobs=self._diffing_jobs(), pair=self.pair))
+        app = SimpleNamespace(state=SimpleNamespace(diffing_jobs=self.diffing_jobs, pair=self.pair))
         return resolve_steer(app, body, where)
 
-    def _diffing_jobs(self) -> JobStore:
-        if not hasattr(self, "_jobs"):
-            self._jobs = JobStore(self.settings.data_dir / "diffing_jobs")
-        return self._jobs
+    @cached_property
+    def diffing_jobs(self) -> JobStore:
+        return JobStore(self.settings.data_dir / "diffing_jobs")
 
     def scheduler(self) -> Scheduler:
         """A scheduler of the server's batch bounds, for one block's decoding."""

@@ -6,7 +6,6 @@ lands in a JobStore under `--out/diffing_jobs/`: `DATA_DIR=--out` lists it in /d
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from lda.diffing.adl_files import write_adl
 from lda.jobs import JobStore, write_json_atomic
 
 from app.batch.loaded import Loaded
-from app.diffing_lens.jobs import make_pass, metadata, request_from_spec
+from app.diffing_lens.jobs import make_pass, metadata, request_from_spec, save_torch_atomic
 from app.diffing_lens.names import RESULT, RUN_DIR, TOKEN_STATS, ZIP
 from app.diffing_lens.schemas import DiffingRequest
 from app.diffing_lens.specs import check_on_pair, resolve_rows, stored_spec
@@ -114,7 +113,7 @@ class ScanOutput:
         record.total_steps = len(kind.batches(plan))
         record.result = {"batch": {"block_size": kind.block_size}}
         self.store.save(record)
-        _save(self._work(record.id).parent / "plan.pt", plan)
+        save_torch_atomic(self._work(record.id).parent / "plan.pt", plan)
         return record.id
 
     def reopen(self, job_id: str) -> tuple[ScanKind, dict[str, Any]]:
@@ -150,7 +149,7 @@ class ScanOutput:
         path = self._block_file(job_id, block["start"])
         if path.exists():
             return 0
-        _save(path, {"block": block, "partial": partial})
+        save_torch_atomic(path, {"block": block, "partial": partial})
         record = self.store.require(job_id)
         record.step += block["stop"] - block["start"]
         record.train_seconds += seconds
@@ -158,9 +157,7 @@ class ScanOutput:
         return block["stop"] - block["start"]
 
     def fail(self, kind: ScanKind, message: str) -> None:
-        record = self.store.require(kind.job_id or "")
-        record.status, record.error, record.finished = "failed", message, time.time()
-        self.store.save(record)
+        self.store.fail(kind.job_id or "", message)
 
     def finish(self, kind: ScanKind, remote: Any) -> None:
         """Merge on a worker, then publish the files, result.json and the zip as the server does."""
@@ -187,10 +184,3 @@ class ScanOutput:
         record = self.store.require(kind.job_id or "")
         return f"scan {record.id}: {record.step} batches; files under {self.store.dir(record.id) / RUN_DIR}"
 
-
-def _save(path: Path, data: Any) -> None:
-    """torch.save whole or not at all (a crash mid-write leaves no block that looks committed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)

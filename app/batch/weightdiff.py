@@ -128,9 +128,7 @@ class WeightDiffOutput:
         return len(names)
 
     def fail(self, kind: WeightDiffKind, message: str) -> None:
-        record = self.store.require(kind.job_id or "")
-        record.status, record.error, record.finished = "failed", message, time.time()
-        self.store.save(record)
+        self.store.fail(kind.job_id or "", message)
 
     def finish(self, kind: WeightDiffKind, remote: Any = None) -> list[Path]:
         record = self.store.require(kind.job_id or "")

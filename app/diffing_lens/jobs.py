@@ -124,10 +124,14 @@ def _short_position(entry: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> None:
     """`work/checkpoint.pt`, written whole or not at all."""
-    path = folder / "work" / CHECKPOINT
+    save_torch_atomic(folder / "work" / CHECKPOINT, {"step": step, "state": state})
+
+
+def save_torch_atomic(path: Path, data: Any) -> None:
+    """torch.save whole or not at all: a crash mid-write leaves the old file (or none), never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "state": state}, tmp)
+    torch.save(data, tmp)
     os.replace(tmp, path)
 
 
