@@ -107,6 +107,7 @@ def report_figure(summary: Sequence[Mapping[str, Any]], title: str = "") -> Any:
             marker="s" if entry["control"] else "o",
             linestyle="--" if entry["control"] else "-",
             capsize=4,
+            clip_on=False,  # a rate of 0 sits on the axis: draw its whole marker, not half
             label=f"{entry['arm']} · {entry['detector']}",
         )
     if alphas:
