@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
-from tests.benchmarks.plots import FIGURES, RESULTS, batch_workers, clients, lda_rows, render
+from tests.benchmarks.plots import FIGURES, RESULTS, TABLES, batch_workers, clients, lda_rows, render, table
 
 LDA = {"size": "bench", "device": "cpu", "dtype": "float32",
        "lda_b1_tokens_per_s": 36.6, "lda_b8_tokens_per_s": 145.6, "lda_b1_over_generate_b1": 0.58,
        "generate_b1_tokens_per_s": 62.7, "generate_b8_tokens_per_s": 301.0,
-       "seed_loop_b1_tokens_per_s": 35.0, "seed_loop_b8_tokens_per_s": 34.1}  # fmt: skip
+       "seed_loop_b1_tokens_per_s": 35.0, "seed_loop_b8_tokens_per_s": 34.1,
+       "lda_b8_over_seed_loop_b8": 4.27}  # fmt: skip
 
 
 def lines(fig):
@@ -42,3 +43,30 @@ def test_committed_results_draw_and_missing_ones_say_how_to_make_them(tmp_path):
     assert heights == [result["one_worker"]["samples_per_s"], result["two_workers"]["samples_per_s"]]
     empty = render(tmp_path / "none", tmp_path / "empty")
     assert len(empty) == len(FIGURES)  # a note in place of each figure, so the page's links hold
+
+
+def cells(markdown: str) -> list[list[str]]:
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_tables_quote_the_same_numbers_as_the_figures(tmp_path):
+    (tmp_path / "bench_lda.json").write_text(json.dumps(LDA))
+    rows = cells(table("lda_rows", tmp_path))
+    assert rows[0][:4] == ["1", "36.6", "35.0", "62.7"]
+    assert rows[1][:5] == ["8", "145.6", "34.1", "301.0", "4.27x"]
+    assert rows[1][5] == ""  # a ratio the run did not print stays empty, never made up
+    for c in (8, 1):
+        (tmp_path / f"bench_batching_c{c}.json").write_text(json.dumps({
+            "clients": c, "tokens_per_s": {"concurrent": 10.0 * c, "one_request": 11.0 * c, "sequential": 9.0},
+            "concurrent_over_one_request": 0.91, "concurrent_over_sequential": round(10 * c / 9, 3),
+            "peak_batch_rows": {"concurrent": c}, "same_completions": c == 1}))  # fmt: skip
+    assert [r[:4] + r[-1:] for r in cells(table("clients", tmp_path))] == [
+        ["1", "10.0", "11.0", "9.0", "yes"], ["8", "80.0", "88.0", "9.0", "no"]]  # fmt: skip
+    assert "No committed results" in table("experiments", tmp_path)
+
+
+def test_every_committed_result_has_a_table():
+    for name, (pattern, _) in TABLES.items():
+        if any(RESULTS.glob(pattern)):
+            assert "| ---" not in table(name) and "|---|" in table(name), name

@@ -86,7 +86,7 @@ def test_the_site_builds_strict(site):
     for name in ("index", "concepts", "configuration", "http-reference", "deploy", "experiments"):
         assert f"{name}.html" in pages
     # The generated pages were generated: no marker left behind.
-    for name in ("configuration.html", "http-reference.html"):
+    for name in ("configuration.html", "http-reference.html", "benchmarks.html"):
         assert "<!--" not in (site / name).read_text().split('<article class="md-content__inner', 1)[1]
 
 
@@ -108,6 +108,19 @@ def test_no_page_loads_anything_from_another_host(site):
     # Search works offline: the index is inlined as a script, and the file:// shim is the local one.
     assert (site / "search" / "search_index.js").is_file()
     assert 'src="assets/iframe-worker/shim.js"' in (site / "index.html").read_text()
+
+
+def test_the_benchmarks_page_quotes_the_committed_results(site):
+    import json
+
+    from tests.benchmarks.plots import RESULTS
+
+    text = (site / "benchmarks.html").read_text()
+    lda = json.loads((RESULTS / "bench_lda.json").read_text())
+    rows = sorted(int(k[5:-13]) for k in lda if k.startswith("lda_b") and k.endswith("_tokens_per_s"))
+    for r in rows:
+        assert f"<td>{lda[f'lda_b{r}_tokens_per_s']}</td>" in text, r
+    assert text.count('src="assets/benchmarks/') == 4
 
 
 def test_the_configuration_page_lists_every_setting(site):

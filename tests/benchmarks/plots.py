@@ -124,6 +124,118 @@ FIGURES: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lda_rows_table(result: dict[str, Any]) -> str:
+    keys = [k for k in result if k.startswith("lda_b") and k.endswith("_tokens_per_s")]
+    rows = sorted(int(k[len("lda_b") : -len("_tokens_per_s")]) for k in keys)
+
+    def get(key: str, r: int) -> Any:
+        return result.get(f"{key}_b{r}_tokens_per_s", "")
+
+    def ratio(of: str, r: int) -> str:
+        value = result.get(f"lda_b{r}_over_{of}_b{r}")
+        return "" if value is None else f"{value}x"
+
+    body = [
+        [
+            r,
+            get("lda", r),
+            get("seed_loop", r),
+            get("generate", r),
+            ratio("seed_loop", r),
+            ratio("generate", r),
+        ]
+        for r in rows
+    ]
+    header = ["rows", "LDA tokens/s", "seed loop tokens/s", "generate tokens/s (one model)",
+              "LDA / seed loop", "LDA / generate"]  # fmt: skip
+    millions = result.get("parameters_per_model", 0) / 1e6
+    where = (
+        f"{result.get('device', '?')}, {result.get('dtype', '?')}, {result.get('threads', '?')} threads, "
+        f"torch {result.get('torch', '?')}"
+    )
+    same = "yes" if result.get("seed_loop_same_tokens_as_lda_b1") else "no"
+    return (
+        f"{_table(header, body)}\n\n{result.get('size', '?')} pair ({millions:.1f}M parameters a model), "
+        f"{result.get('prompt_tokens', '?')}-token prompt, {result.get('new_tokens', '?')} new tokens, "
+        f"{where}. LDA {result.get('lda_rows_over_lda_b1', '?')}x from 1 to {rows[-1] if rows else '?'} "
+        f"rows; the seed loop gave the same tokens as LDA at 1 row: {same}."
+    )
+
+
+def clients_table(runs: list[dict[str, Any]]) -> str:
+    runs = sorted(runs, key=lambda r: r["clients"])
+    body = [
+        [r["clients"], r["tokens_per_s"]["concurrent"], r["tokens_per_s"]["one_request"],
+         r["tokens_per_s"]["sequential"], f"{r['concurrent_over_one_request']}x",
+         f"{r['concurrent_over_sequential']}x", r["peak_batch_rows"]["concurrent"],
+         "yes" if r["same_completions"] else "no"]
+        for r in runs
+    ]  # fmt: skip
+    return _table(["clients", "concurrent tokens/s", "one request tokens/s", "one at a time tokens/s",
+                   "concurrent / one request", "concurrent / one at a time", "peak batch rows",
+                   "same completions"], body)  # fmt: skip
+
+
+def experiments_table(result: dict[str, Any]) -> str:
+    t = result["throughput"]
+    rates, same = t["samples_per_s"], t["same_completions"]
+    body = [
+        ["`/experiments`", rates["experiments"], ""],
+        ["`/generate_lda_batch`", rates["generate_lda_batch"],
+         f"experiments {t['experiments_over_batch']}x of it"],
+        [f"`/generate_lda`, one sample per call (first {t['sequential_samples']} samples)",
+         rates["generate_lda_sequential"], f"experiments {t['experiments_over_sequential']}x of it"],
+    ]  # fmt: skip
+    table = _table(["route", "samples/s", "ratio"], body)
+    memory = result.get("memory", {})
+    sizes = memory.get("by_samples", {})
+    growth = ", ".join(f"{int(n):,} samples: {m['peak_rss_growth_mb']} MB" for n, m in sizes.items())
+    return (
+        f"{table}\n\n{t['samples']} samples; the same completions from the batch route: "
+        f"{'yes' if same['batch'] else 'no'}, from the sequential calls: "
+        f"{'yes' if same['sequential'] else 'no'}. "
+        f"Peak resident memory growth ({memory.get('max_new_tokens', '?')} new tokens, chunks of "
+        f"{memory.get('chunk_size', '?')}): {growth or 'not measured'}."
+    )
+
+
+def batch_workers_table(result: dict[str, Any]) -> str:
+    body = [
+        [f"{r['workers']}", r["samples"], r["samples_per_s"], r["startup_s"], r["actor_peak_rss_mb"]]
+        for r in (result["one_worker"], result["two_workers"], result["two_workers_grown"])
+    ]
+    table = _table(["workers", "samples", "samples/s", "start before the first block (s)",
+                    "actor peak RSS (MB)"], body)  # fmt: skip
+    return (
+        f"{table}\n\n2 workers over 1: {result['speedup_2_workers']}x; an actor's peak resident memory "
+        f"at 3x the samples: {result['worker_rss_growth_3x']}x."
+    )
+
+
+# table marker -> (results files, how to write them as Markdown)
+TABLES: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "lda_rows": ("bench_lda.json", lda_rows_table),
+    "clients": ("bench_batching_c*.json", clients_table),
+    "experiments": ("bench_experiments.json", experiments_table),
+    "batch_workers": ("bench_batch.json", batch_workers_table),
+}
+
+
+def table(name: str, results: Path = RESULTS) -> str:
+    """The Markdown table `name` of TABLES from the committed results (a note when there are none)."""
+    pattern, write = TABLES[name]
+    found = [json.loads(p.read_text()) for p in sorted(results.glob(pattern))]
+    if not found:
+        return f"*No committed results yet: `tests/benchmarks/results/{pattern}`.*"
+    return write(found if "*" in pattern else found[0])
+
+
 def missing(name: str) -> Any:
     fig, ax = _figure()
     ax.axis("off")
