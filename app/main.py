@@ -142,6 +142,9 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
         description="Logit diff amplification, amplified LoRA merges and batched weight diffs over HTTP.",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs is app/web's, with local files (FastAPI's loads them from a CDN); no ReDoc (see there).
+        docs_url=None,
+        redoc_url=None,
     )
     metrics = Metrics()
     app.state.settings = settings

@@ -247,8 +247,8 @@ def test_a_dataset_reads_no_more_rows_than_its_limit_or_the_cap(root):
 
 @pytest.fixture
 def fake_datasets(monkeypatch):
-    """A stand-in `datasets` module recording how it is called (the real one is not installed in
-    the server's environment, and must not reach the network here in any case)."""
+    """A stand-in `datasets` module recording how it is called (the calls' arguments, which the real
+    library's results do not show; tests/test_experiments_prompts.py also runs the real one)."""
     import sys
     import types
 
@@ -307,3 +307,35 @@ def test_a_hub_id_is_refused_without_allow_hub_and_nothing_is_loaded(root, fake_
     assert calls == [] and fake_datasets == []
     prompts = resolve_prompts({"dataset": {"path": "org/ds", "limit": 2}}, [root], allow_hub=True)
     assert prompts == ["s0", "s1"] and fake_datasets[0][1] == "org/ds"
+
+
+def test_the_real_datasets_library_reads_local_and_saved_folders_offline(root, monkeypatch):
+    """The installed `datasets` (a core dependency): a folder of JSONL files streams, `save_to_disk`
+    folders (a dataset, a dict of splits) load, `limit` and the max bound hold, messages come through,
+    and nothing reaches the network."""
+    import socket
+
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was reached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "cache"))
+    (root / "jsonl").mkdir()
+    rows = [{"prompt": f"q{i}", "other": i} for i in range(30)]
+    (root / "jsonl" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_dataset_prompts({"path": str(root / "jsonl"), "limit": 4}, [root]) == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(ValueError, match="more than 10 prompts"):
+        load_dataset_prompts({"path": str(root / "jsonl")}, [root], max_prompts=10)
+    chats = [[{"role": "user", "content": f"c{i}"}] for i in range(3)]
+    datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(root / "saved"))
+    got = load_dataset_prompts({"path": str(root / "saved"), "column": "messages"}, [root])
+    assert got == chats
+    splits = {"test": datasets.Dataset.from_dict({"prompt": ["t0", "t1"]})}
+    datasets.DatasetDict(splits).save_to_disk(str(root / "saved_dict"))
+    assert load_dataset_prompts({"path": str(root / "saved_dict"), "split": "test"}, [root]) == ["t0", "t1"]
+    with pytest.raises(ValueError, match="no split 'train' \\(splits: test\\)"):
+        load_dataset_prompts({"path": str(root / "saved_dict")}, [root])

@@ -710,3 +710,19 @@ def test_the_page_asks_for_the_api_key_once(browser, demo_data_dir, tmp_path_fac
         cols = compare(browser, alphas="2")
         assert cols["LDA α=2"].find_elements(By.CSS_SELECTOR, ".tok[data-delta]")
         assert not console_errors(browser, allow=["status of 401"])
+
+
+def test_the_api_uis_render_from_the_servers_own_files(browser, server):
+    """/docs (Swagger UI) renders the schema's routes, and every resource the browser fetched came
+    from the server itself (FastAPI's default page loads them from a CDN); /redoc is not served."""
+    assert httpx.get(f"{server}/redoc").status_code == 404
+    for path, selector in (("/docs", ".opblock-summary-path"),):
+        browser.get(f"{server}{path}")
+        wait(browser, lambda d, s=selector: len(css(d, s)) >= 20)
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert any("/static/api-ui/" in u for u in fetched), (path, fetched)
+        assert any(u.endswith("/openapi.json") for u in fetched), (path, fetched)
+        assert all(u.startswith((server, "data:")) for u in fetched), (path, fetched)
+        assert not console_errors(browser), path
+        if path == "/docs":
+            assert "/generate_lda" in {e.text for e in css(browser, ".opblock-summary-path")}
