@@ -14,7 +14,8 @@ Conventions the pages follow:
   and UPPER_NAME is replaced by it in the later commands of the page and of later pages; when the
   command submitted a job (POST .../jobs or /experiments), a later command that uses the id first
   waits until GET <route>/<id> says done; the top-level keys such a comment shows (`{"n", "exact",
-  ...}` lists keys) must be in the response;
+  ...}` lists keys) must be in the response, and a status code it starts with (`# -> 202 {...}`)
+  must be the response's;
 - a block right after `<!-- not tested: REASON -->` is skipped (docker, pip install, clusters, GPUs,
   hub downloads, minutes of run time); an unmarked block with no runnable command fails the test
   unless all its commands are harmless (`export`), so a new example cannot go untested silently.
@@ -45,6 +46,8 @@ CAPTURE = re.compile(r'"(\w+)":\s*"([A-Z][A-Z0-9_]*)"')
 JOB_ROUTES = re.compile(r"(/experiments|/(?:weightdiff|diffing|dit)/jobs)(?=[\s'\"]|$)")
 HARMLESS = re.compile(r"^(export|cd|echo|true)\b")
 JOB_TIMEOUT = 120.0
+SHOWN_STATUS = re.compile(r"(\d{3})\b")  # `# -> 202 {...}`: the status code the page shows
+STATUS_LINE = re.compile(r"\nHTTP_STATUS (\d{3})\n$")
 CLIENTS = ("python -m app.experiment ", "python -m app.regression ")  # the server's own clients
 
 
@@ -326,9 +329,16 @@ def wait_done(base: str, route: str, job_id: str) -> None:
 
 
 def run_command(
-    command: str, base: str, data_dir: Path, cwd: Path, env: dict[str, str]
+    command: str, base: str, data_dir: Path, cwd: Path, env: dict[str, str], status: bool = False
 ) -> subprocess.CompletedProcess:
+    """Runs one page command against `base`. With `status`, the command's first curl also writes
+    `HTTP_STATUS <code>` as the last line of stderr (stdout stays the body)."""
     command = ADDRESS.sub(base, command)
+    if status:
+        assert command.startswith("curl "), (
+            f"a status code is shown after a command that is not curl: {command}"
+        )
+        command = "curl -w '%{stderr}\\nHTTP_STATUS %{http_code}\\n' " + command[len("curl ") :]
     command = command.replace('"data/', f'"{data_dir}/')  # the pages' DATA_DIR is the default, ./data
     command = re.sub(r"(^|\|\s*)curl(?=\s)", r"\1curl --fail-with-body --max-time 120", command)
     if command.startswith("python -m app.regression "):  # its --server defaults to localhost:8000
@@ -370,13 +380,21 @@ def test_every_example_runs_against_the_demo_server(server, tmp_path):
                     text = placeholder.sub(value, text)
             where = f"{block.page}:{cmd.line}"
             started = time.monotonic()
-            proc = run_command(text, base, data_dir, tmp_path, env)
+            shown_status = SHOWN_STATUS.match(cmd.shown)
+            proc = run_command(text, base, data_dir, tmp_path, env, status=bool(shown_status))
             ran += 1
             if proc.returncode != 0:
                 failures.append(
                     f"{where}: exit {proc.returncode}\n$ {text}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
                 )
                 continue
+            if shown_status:
+                got = STATUS_LINE.search(proc.stderr)
+                if not got or got.group(1) != shown_status.group(1):
+                    failures.append(
+                        f"{where}: the page shows status {shown_status.group(1)}, got {proc.stderr[-200:]}"
+                    )
+                    continue
             if os.environ.get("DOCS_EXAMPLES_VERBOSE"):
                 print(f"{where}: {time.monotonic() - started:.1f} s")
             if "{" in cmd.shown:
