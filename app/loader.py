@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from lda import LDAModelPair, LoadConfig, load_model, load_tokenizer
+from lda import LDAModelPair, LoadConfig, load_model, load_tokenizer, static
 from lda.pair import Side
+from lda.source import input_device
 
 from app.demo import DemoPaths, ensure_demo_pair
 from app.gpu_probe import check
@@ -51,3 +52,19 @@ def load_pair(settings: Settings) -> tuple[LDAModelPair, DemoPaths | None]:
     if pair.compatibility.warning:
         log.warning("tokenizer compatibility: %s", pair.compatibility.warning)
     return pair, demo
+
+
+def compiled_decode(pair: LDAModelPair, settings: Settings) -> None:
+    """COMPILE: the process's decode on static caches with a compiled step, warmed up (every row
+    bucket of the LDA pair compiled) before the server says it is ready; or eager (`static.use(None)`)."""
+    on_cuda = input_device(pair.after.model).type == "cuda"
+    if settings.compile == "off" or (settings.compile == "auto" and not on_cuda):
+        static.use(None)
+        return
+    compiler = static.DecodeCompiler(mode="reduce-overhead" if on_cuda else None)
+    static.use(compiler)
+    sets = [((pair.after.model, pair.before.model), pair.compatibility.shared_width)]
+    if not pair.compatibility.compatible:
+        sets = [((pair.after.model,), None)]
+    seconds = compiler.warm_up(sets, settings.max_batch_rows)
+    log.info("compiled decode warmed up in %.1f s: %s", seconds, compiler.info())

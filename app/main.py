@@ -27,7 +27,7 @@ from app.engine import Engine
 from app.experiments_lens.jobs import Runner
 from app.experiments_lens.router import router as experiments_router
 from app.lda_lens.router import router as lda_router
-from app.loader import load_pair
+from app.loader import compiled_decode, load_pair
 from app.openai_lens.router import router as openai_router
 from app.openai_lens.vllm_routes import router as vllm_router
 from app.settings import Settings, get_settings
@@ -46,7 +46,10 @@ async def _load(app: FastAPI, loader: Loader) -> None:
 
     def load(job: Any) -> tuple[Any, Any, Amplifier, dict[str, Any]]:
         pair, demo = loader(app.state.settings)
-        return pair, demo, setup_amplifier(pair, demo, app.state.settings), model_summaries(pair)
+        amplifier = setup_amplifier(pair, demo, app.state.settings)
+        summaries = model_summaries(pair)
+        compiled_decode(pair, app.state.settings)
+        return pair, demo, amplifier, summaries
 
     try:
         pair, demo, amplifier, summaries = await app.state.engine.run(load)

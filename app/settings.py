@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         "auto", description="auto: bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU"
     )
     device_map: str | None = Field(None, description="accelerate device_map (e.g. auto) for large models")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="decode steps on a static KV cache with one torch.compile'd step (CUDA graphs on a GPU), "
+        "compiled before /ready; auto: on when the models are on CUDA, off on the CPU (where the compile "
+        "costs more than it saves for short runs)",
+    )
     trust_remote_code: bool = Field(False, description="run code shipped with a checkpoint")
 
     host: str = Field("127.0.0.1", description="bind address")

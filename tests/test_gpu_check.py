@@ -27,7 +27,7 @@ def run_script(tmp_path: Path, python: str, timeout: float) -> tuple[subprocess.
 
 
 def test_tiny_cpu_mode_reports_every_section(tmp_path):
-    proc, report = run_script(tmp_path, sys.executable, timeout=240)
+    proc, report = run_script(tmp_path, sys.executable, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)  # exactly one JSON document on stdout
     assert printed == json.loads(report.read_text())
@@ -46,6 +46,8 @@ def test_tiny_cpu_mode_reports_every_section(tmp_path):
     for key in (
         "bench_lda.lda_b1_over_generate_b1",
         "bench_lda.lda_b4_over_generate_b4",
+        "bench_lda.lda_compiled_b1_over_seed_loop_b1",
+        "bench_lda.lda_compiled_b4_over_lda_b4",
         "bench_amplification.apply_restore_over_peft_merge_unmerge",
         "bench_amplification.reload_over_apply_restore",
         "bench_amplification.adapter_mode_over_two_model_b2",
@@ -57,6 +59,7 @@ def test_tiny_cpu_mode_reports_every_section(tmp_path):
     ):
         assert headline[key] > 0, key
     assert headline["bench_amplification.ours_restore_exact"] is True
+    assert headline["bench_lda.lda_compiled_b1_same_tokens"] is True  # fp32: compiled = eager tokens
     for sampling in ("greedy", "seeded"):  # fp32 on a CPU: batched and joined rows equal alone
         for how in ("batched", "joined"):
             assert headline[f"bench_repro.{sampling}_{how}_rows_same_tokens"] == 1.0

@@ -27,7 +27,7 @@ from lda import LDAModelPair, Row
 from lda.experiments import Condition, ExperimentStore
 from lda.experiments.runner import STOPPED, step_steps
 from lda.pair import Side, check_context, encode
-from lda.source import ModelSource
+from lda.static import source_factory
 
 from app.amplification_lens.amplifier import Amplifier
 from app.amplification_lens.jobs import adapter_target, text_side
@@ -84,7 +84,7 @@ def lens_for(
         # The before model alone, formatted and detokenized as the after model's rows are.
         before, width, tok = pair.before.model, pair.compatibility.shared_width, pair.after.tokenizer
         key = ("control", id(before), width, id(tok))
-        target = BatchTarget(key, lambda: ModelSource(before, None, width), tok)
+        target = BatchTarget(key, source_factory((before,), width), tok)
         return Lens(pair.after, target, (pair.after.model, pair.before.model))
     if condition.adapter is None and condition.amplification is None:
         return Lens(pair.after, pair_target(pair), (pair.after.model, pair.before.model))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lda import IncompatibleTokenizersError, LDAModelPair, Row, RowOutput, Side
-from lda.source import ModelSource
 from lda.pair import check_context, readable_prompt
+from lda.static import source_factory
 
 from app.api.chunking import plan_chunks
 from app.api.generation import BatchTarget, Usage, base_seed, emit_text, in_batches, row_body, sampling_params
@@ -43,13 +43,13 @@ def pair_target(pair: LDAModelPair) -> BatchTarget:
     """Two-model LDA rows: any request's rows can share the pair's running batch."""
     after, before, width = pair.after.model, pair.before.model, pair.compatibility.shared_width
     key = ("lda", id(after), id(before), width, id(pair.after.tokenizer))
-    return BatchTarget(key, lambda: ModelSource(after, before, width), pair.after.tokenizer)
+    return BatchTarget(key, source_factory((after, before), width), pair.after.tokenizer)
 
 
 def side_target(side: Side) -> BatchTarget:
     """One model alone (`/generate`, the `after` / `before` OpenAI models)."""
     key = ("single", id(side.model), id(side.tokenizer))
-    return BatchTarget(key, lambda: ModelSource(side.model), side.tokenizer)
+    return BatchTarget(key, source_factory((side.model,)), side.tokenizer)
 
 
 def pair_decoder(pair: LDAModelPair) -> Decoder:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lda import LDAModelPair
+from lda import LDAModelPair, static
 from lda.source import input_device
 
 from app import gpu_probe
@@ -45,6 +45,14 @@ def _cuda(pair: LDAModelPair) -> dict[str, Any]:
         "driver": gpu_probe.host_driver(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
+
+
+def _compile(settings: Settings) -> dict[str, Any]:
+    """COMPILE and what it did: the warm-up's seconds, each compiled shape's first step (compile
+    included) and the model sets that decode eagerly, with why."""
+    compiler = static.current()
+    body: dict[str, Any] = {"setting": settings.compile, "enabled": compiler is not None}
+    return body if compiler is None else {**body, **compiler.info()}
 
 
 def model_summaries(pair: LDAModelPair) -> dict[str, dict[str, Any]]:
@@ -92,6 +100,7 @@ def info_body(
             "allow_hub_datasets": settings.allow_hub_datasets,
         },
         "cuda": _cuda(pair),
+        "compile": _compile(settings),
         "versions": {
             "service": _version("model-diff-service"),
             "python": platform.python_version(),

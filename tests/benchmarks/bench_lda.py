@@ -11,7 +11,17 @@ Prints JSON. Ratios compare runs made in this same process:
 - lda_rows_over_lda_b1: LDA tokens/s at the largest `--rows` over LDA at 1 row;
 - lda_b{R}_over_seed_loop_b{R}: LDA at R rows over the seed LDA server's decode of the same R rows:
   one row at a time, each model with its own KV cache (`seed_loop_b{R}_tokens_per_s`);
-  `seed_loop_same_tokens_as_lda_b1` says the two decoded the same tokens at 1 row.
+  `seed_loop_same_tokens_as_lda_b1` says the two decoded the same tokens at 1 row;
+- with `--compiled` (default): the same LDA decode on static KV caches with one torch.compile'd
+  step (`lda.static`; CUDA graphs on a GPU), `lda_compiled_b{R}_tokens_per_s` and its ratios to
+  eager LDA and the seed loop, `compile_s` (the first step of each row bucket, compile included)
+  and `lda_compiled_b{R}_same_tokens` (greedy tokens equal to eager LDA's);
+- the memory-bandwidth limit: `read_gb_per_s`, this process's read bandwidth (a large matrix-vector
+  product), `decode_bytes_per_token` (both models' weights a decode step reads: every parameter but
+  the input embeddings, of which a step reads one row per token), and for each R
+  `lda_b{R}_fraction_of_limit` / `lda_compiled_b{R}_fraction_of_limit`: tokens/s over
+  R x read_gb_per_s / decode_bytes_per_token (a step reads the weights once for all its rows; the
+  KV cache's reads are left out, small at these lengths).
 `--size`: `bench` (default) the ~29M model; `tiny` a 2-layer, 64-wide one (a smoke test);
 `1b` a ~0.95B one (16 layers, width 2048, MLP 5632, vocab 32000) for a GPU, built on the device.
 `--dtype auto` is bf16 on CUDA and fp32 on CPU. The other benchmarks take the same options.
@@ -33,8 +43,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from app.demo import build_tokenizer  # noqa: E402
-from lda import DecodeConfig, LDAModelPair, Row, SamplingParams, Side, collect  # noqa: E402
+from lda import DecodeConfig, LDAModelPair, Row, SamplingParams, Side, collect, decode  # noqa: E402
 from lda.loading import resolve_device, resolve_dtype  # noqa: E402
+from lda.static import StaticPool, StaticSource  # noqa: E402
 from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
@@ -124,6 +135,37 @@ def hardware(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return info
 
 
+def read_bandwidth(
+    device: torch.device, dtype: torch.dtype, megabytes: int = 512, repeats: int = 10
+) -> float:
+    """Bytes/s a matrix-vector product reads: a [n, n] matrix of about `megabytes` (far past the
+    caches) times a vector, best of `repeats`; the memory-bound operation a batch-1 decode is."""
+    n = int((megabytes * 2**20 / torch.finfo(dtype).bits * 8) ** 0.5)
+    matrix = torch.randn(n, n, device=device).to(dtype)
+    vector = torch.randn(n, device=device).to(dtype)
+    seconds = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mv(matrix, vector)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return matrix.numel() * matrix.element_size() / min(seconds[1:])
+
+
+def decode_bytes(*models: Any) -> int:
+    """Bytes of weights one decode step reads from each model: all but the input embeddings (a
+    step reads one row of them per token; a tied head is read in full as the head)."""
+    total = 0
+    for model in models:
+        embeddings = model.get_input_embeddings().weight
+        tied = embeddings is model.get_output_embeddings().weight
+        for p in model.parameters():
+            if p is not embeddings or tied:
+                total += p.numel() * p.element_size()
+    return total
+
+
 def best_of(repeats: int, fn) -> float:
     times = []
     for _ in range(repeats):
@@ -138,6 +180,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, nargs="+", default=[8], help="row counts (1 is always measured)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the static-cache compiled decode (lda.static)")  # fmt: skip
     add_model_args(ap)
     args = ap.parse_args()
     device, dtype = model_placement(args)
@@ -169,6 +213,18 @@ def main() -> None:
         outs = collect(pair.lda_events([Row(prompt, 1.0 + i) for i in range(rows)], config), rows)
         assert all(o.tokens_generated == n for o in outs)
 
+    pool = None
+    if args.compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        pool = StaticPool([after, before], pair.compatibility.shared_width, compile=True, mode=mode)
+
+    def lda_compiled(rows: int) -> list[tuple[int, ...]]:
+        source = StaticSource(pool)
+        outs = collect(decode(source, tokenizer, [Row(prompt, 1.0 + i) for i in range(rows)], config), rows)
+        sync(device)
+        assert all(o.tokens_generated == n for o in outs)
+        return [tuple(o.token_ids) for o in outs]
+
     def seed_loop(rows: int) -> list[list[int]]:
         """The seed server's loop: each row alone (one request at a time), both models keeping a
         KV cache, greedy on after + alpha * (after - before); no batching across rows."""
@@ -196,6 +252,8 @@ def main() -> None:
     same_tokens = seed_tokens == list(lda_tokens)
 
     rows_list = sorted({1, *args.rows})
+    bandwidth = read_bandwidth(device, dtype)
+    weight_bytes = decode_bytes(after, before)
     result: dict[str, Any] = {
         "benchmark": "lda_decode",
         "size": args.size,
@@ -205,6 +263,9 @@ def main() -> None:
         "rows": max(rows_list),
         **hardware(device, dtype),
         "build_pair_s": round(build_s, 2),
+        "read_gb_per_s": round(bandwidth / 1e9, 2),
+        "decode_bytes_per_token": weight_bytes,
+        "limit_b1_tokens_per_s": round(bandwidth / weight_bytes, 1),
     }
     tps: dict[int, float] = {}
     for rows in rows_list:
@@ -220,6 +281,20 @@ def main() -> None:
         seed_tps = n * rows / best_of(args.repeats if rows <= 2 else 1, functools.partial(seed_loop, rows))
         result[f"seed_loop_b{rows}_tokens_per_s"] = round(seed_tps, 1)
         result[f"lda_b{rows}_over_seed_loop_b{rows}"] = round(tps[rows] / seed_tps, 3)
+        limit = rows * bandwidth / weight_bytes
+        result[f"lda_b{rows}_fraction_of_limit"] = round(tps[rows] / limit, 3)
+        if pool is not None:
+            compiled_tokens = lda_compiled(rows)  # compiles this bucket (once per process)
+            eager_tokens = [tuple(o.token_ids) for o in collect(pair.lda_events(
+                [Row(prompt, 1.0 + i) for i in range(rows)], config), rows)]  # fmt: skip
+            ctps = n * rows / best_of(args.repeats, functools.partial(lda_compiled, rows))
+            result[f"lda_compiled_b{rows}_tokens_per_s"] = round(ctps, 1)
+            result[f"lda_compiled_b{rows}_over_lda_b{rows}"] = round(ctps / tps[rows], 3)
+            result[f"lda_compiled_b{rows}_over_seed_loop_b{rows}"] = round(ctps / seed_tps, 3)
+            result[f"lda_compiled_b{rows}_fraction_of_limit"] = round(ctps / limit, 3)
+            result[f"lda_compiled_b{rows}_same_tokens"] = compiled_tokens == eager_tokens
+    if pool is not None:
+        result["compile_s"] = {f"{r}x{length}": s for (r, length), s in sorted(pool.compile_seconds.items())}
     result["lda_rows_over_lda_b1"] = round(tps[max(rows_list)] / tps[1], 2)
     result["seed_loop_same_tokens_as_lda_b1"] = same_tokens
     if device.type == "cuda":

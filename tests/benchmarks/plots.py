@@ -8,7 +8,7 @@ yet is drawn as a note naming the command that makes them. To refresh the result
 machine, OMP_WAIT_POLICY=PASSIVE):
 
     R=tests/benchmarks/results
-    python -m tests.benchmarks.bench_lda --rows 1 2 4 8 16 32 > $R/bench_lda.json
+    python -m tests.benchmarks.bench_lda --rows 1 8 64 > $R/bench_lda.json
     for c in 1 2 4 8 16; do
         python -m tests.benchmarks.bench_batching --clients $c > $R/bench_batching_c$c.json
     done
@@ -44,8 +44,10 @@ def lda_rows(result: dict[str, Any]) -> Any:
     fig, ax = _figure()
     keys = [k for k in result if k.startswith("lda_b") and k.endswith("_tokens_per_s")]
     rows = sorted(int(k[len("lda_b") : -len("_tokens_per_s")]) for k in keys)
-    for key, label, style in (("lda", "LDA (this service)", "o-"), ("seed_loop", "seed server's loop", "s--"),
-                              ("generate", "after model's generate (one model)", "^:")):  # fmt: skip
+    series = (("lda_compiled", "LDA, static cache + compiled step (COMPILE=on)", "D-"),
+              ("lda", "LDA (this service, eager)", "o-"), ("seed_loop", "seed server's loop", "s--"),
+              ("generate", "after model's generate (one model)", "^:"))  # fmt: skip
+    for key, label, style in series:
         found = {r: result.get(f"{key}_b{r}_tokens_per_s") for r in rows}
         points = [(r, v) for r, v in found.items() if v is not None]
         if points:
@@ -137,34 +139,49 @@ def lda_rows_table(result: dict[str, Any]) -> str:
     def get(key: str, r: int) -> Any:
         return result.get(f"{key}_b{r}_tokens_per_s", "")
 
-    def ratio(of: str, r: int) -> str:
-        value = result.get(f"lda_b{r}_over_{of}_b{r}")
+    def ratio(name: str) -> str:
+        value = result.get(name)
         return "" if value is None else f"{value}x"
 
+    def fraction(r: int) -> str:
+        eager = result.get(f"lda_b{r}_fraction_of_limit")
+        compiled = result.get(f"lda_compiled_b{r}_fraction_of_limit")
+        return " -> ".join(str(v) for v in (eager, compiled) if v is not None)
+
+    def same(r: int) -> str:
+        value = result.get(f"lda_compiled_b{r}_same_tokens")
+        return "" if value is None else ("yes" if value else "no")
+
     body = [
-        [
-            r,
-            get("lda", r),
-            get("seed_loop", r),
-            get("generate", r),
-            ratio("seed_loop", r),
-            ratio("generate", r),
-        ]
+        [r, get("lda", r), get("lda_compiled", r), get("seed_loop", r), get("generate", r),
+         ratio(f"lda_compiled_b{r}_over_lda_b{r}"), ratio(f"lda_compiled_b{r}_over_seed_loop_b{r}"),
+         ratio(f"lda_b{r}_over_seed_loop_b{r}"), fraction(r), same(r)]
         for r in rows
-    ]
-    header = ["rows", "LDA tokens/s", "seed loop tokens/s", "generate tokens/s (one model)",
-              "LDA / seed loop", "LDA / generate"]  # fmt: skip
+    ]  # fmt: skip
+    header = ["rows", "LDA tokens/s (eager)", "LDA compiled tokens/s", "seed loop tokens/s",
+              "generate tokens/s (one model)", "compiled / eager", "compiled / seed loop",
+              "eager / seed loop", "fraction of the bandwidth limit (eager -> compiled)",
+              "compiled: same tokens"]  # fmt: skip
     millions = result.get("parameters_per_model", 0) / 1e6
     where = (
         f"{result.get('device', '?')}, {result.get('dtype', '?')}, {result.get('threads', '?')} threads, "
         f"torch {result.get('torch', '?')}"
     )
-    same = "yes" if result.get("seed_loop_same_tokens_as_lda_b1") else "no"
+    same_seed = "yes" if result.get("seed_loop_same_tokens_as_lda_b1") else "no"
+    limit = ""
+    if "read_gb_per_s" in result:
+        limit = (
+            f" Bandwidth limit: {result['read_gb_per_s']} GB/s read (a matrix-vector product, this process) "
+            f"over {result['decode_bytes_per_token'] / 1e6:.1f} MB of weights per step = "
+            f"{result['limit_b1_tokens_per_s']} tokens/s at 1 row, R times that at R rows."
+        )
+    if "compile_s" in result:
+        limit += f" First step of each compiled shape (compile included), s: {result['compile_s']}."
     return (
         f"{_table(header, body)}\n\n{result.get('size', '?')} pair ({millions:.1f}M parameters a model), "
         f"{result.get('prompt_tokens', '?')}-token prompt, {result.get('new_tokens', '?')} new tokens, "
         f"{where}. LDA {result.get('lda_rows_over_lda_b1', '?')}x from 1 to {rows[-1] if rows else '?'} "
-        f"rows; the seed loop gave the same tokens as LDA at 1 row: {same}."
+        f"rows; the seed loop gave the same tokens as LDA at 1 row: {same_seed}.{limit}"
     )
 
 

@@ -1,0 +1,174 @@
+"""Decode on static KV caches with a compiled step (`lda.static`, COMPILE): the same tokens as the
+dynamic eager path through joins, leaves, cancellation, sampling and an out-of-memory step; one
+compiled graph in steady state; a server with COMPILE=on answering as with COMPILE=off.
+
+The static path runs two ways: `compile=False` (the static layout, eager: fast, so every scenario
+runs) and compiled (inductor's C++ kernels here; ~15 s per graph on 2 cores, so one scenario)."""
+
+from __future__ import annotations
+
+import torch
+from fastapi.testclient import TestClient
+from torch._dynamo.utils import counters
+
+from lda import static
+from lda.decode import DecodeConfig, Row, RowFailed, RowOutput, RunningBatch
+from lda.sampling import SamplingParams
+from lda.source import ModelSource
+from lda.static import DecodeCompiler, StaticPool, StaticSource, length_bucket, row_bucket, row_buckets
+from tests.test_api import wait_ready
+
+from app.main import create_app
+from app.settings import Settings
+
+PROMPTS = ["the sun is", "a cat", "rain falls on the moon and the", "x",
+           "one two three four five six seven eight nine ten eleven twelve"]  # fmt: skip
+# step -> requests admitted before it: (prompt, max_new_tokens, temperature). Rows join a running
+# batch with shorter and longer prompts (re-padding both ways), leave at different steps (slots
+# compact, buckets shrink), and the batch crosses row buckets 2 -> 4 -> 8 and back.
+SCHEDULE = {0: [(0, 10, 0.0), (1, 30, 0.9)], 3: [(2, 12, 0.0), (3, 5, 0.9)], 7: [(4, 20, 0.0)],
+            15: [(0, 8, 0.9), (4, 3, 0.0)], 40: [(2, 6, 0.0)]}  # fmt: skip
+STEPS = 60
+
+
+def run(make_source, tokenizer, cancel=None, on_step=None):
+    """Every request of SCHEDULE through one RunningBatch: {(ticket, row): RowOutput | RowFailed}.
+    Each request is two rows (alpha 1.5 and 0, their own seeds); `cancel` = (step, ticket)."""
+    batch = RunningBatch(make_source, tokenizer)
+    out = {}
+    for step in range(STEPS):
+        for k, (p, n, temperature) in enumerate(SCHEDULE.get(step, [])):
+            ids = tuple(tokenizer(PROMPTS[p])["input_ids"])
+            config = DecodeConfig(n, SamplingParams(temperature, 0, 1.0), frozenset(), details=True)
+            batch.admit([Row(ids, 1.5, 100 + step + k), Row(ids, 0.0, 7)], config, ticket=(step, k))
+        if cancel and cancel[0] == step:
+            batch.cancel(cancel[1])
+        if on_step:
+            on_step(step)
+        for ticket, event in batch.step():
+            if isinstance(event, RowOutput | RowFailed):
+                out[(ticket, event.row)] = event
+    assert not batch, "the schedule ends with every row finished"
+    return out
+
+
+def tolerance(model, logits_scale: float) -> float:
+    """How far two fp32 evaluations of the same logprob may differ when only the order of the
+    additions changes (compiled kernels tile reductions differently; SDPA over a static cache adds
+    exact zeros for masked columns). A sum of K terms reordered moves by at most K * u * sum|terms|
+    (u = 2^-24); each layer chains 7 projections and attention, the head one more reduction over
+    the hidden size, and log_softmax one over the vocabulary: bound every reduction by the largest
+    K, and the terms by the logits' scale."""
+    cfg = model.config
+    largest = max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
+    reductions = cfg.num_hidden_layers * 8 + 2
+    return reductions * largest * 2.0**-24 * max(1.0, logits_scale)
+
+
+def same_outputs(reference, got, model):
+    assert reference.keys() == got.keys()
+    for key, ref in reference.items():
+        out = got[key]
+        assert type(out) is type(ref), key
+        if isinstance(ref, RowFailed):
+            continue
+        assert out.token_ids == ref.token_ids and out.finish_reason == ref.finish_reason, key
+        scale = max(abs(lp.after) for lp in ref.logprobs)
+        tol = tolerance(model, scale)
+        for a, b in zip(ref.logprobs, out.logprobs, strict=True):
+            assert abs(a.after - b.after) <= tol and abs(a.amplified - b.amplified) <= (1 + 2 * 1.5) * tol, (key, a, b)
+            assert (a.before is None) == (b.before is None)
+            assert a.before is None or abs(a.before - b.before) <= tol, (key, a, b, tol)
+
+
+def test_buckets():
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 200)] == [1, 2, 4, 4, 8, 8, 16, 256]
+    assert row_buckets(6) == [1, 2, 4, 8] and row_buckets(1) == [1]
+    assert length_bucket(1, None) == 256 and length_bucket(257, None) == 512
+    assert length_bucket(300, 300) == 300 and length_bucket(900, 512) == 900  # capped at the window
+
+
+def test_the_static_layout_decodes_what_the_dynamic_cache_does(pair, tokenizer):
+    after, before = pair.after.model, pair.before.model
+    reference = run(lambda: ModelSource(after, before), tokenizer)
+    assert len(reference) == 16
+    pool = StaticPool([after, before], compile=False)
+    got = run(lambda: StaticSource(pool), tokenizer)
+    same_outputs(reference, got, after)
+    # A request cancelled mid-run leaves its slots; the others decode on unchanged.
+    cancelled = run(lambda: ModelSource(after, before), tokenizer, cancel=(9, (3, 0)))
+    assert len(cancelled) == 14
+    same_outputs(cancelled, run(lambda: StaticSource(pool), tokenizer, cancel=(9, (3, 0))), after)
+    # One model alone (the /generate and control batches).
+    alone = run(lambda: ModelSource(before), tokenizer)
+    same_outputs(alone, run(lambda: StaticSource(StaticPool([before], compile=False)), tokenizer), before)
+
+
+def test_an_out_of_memory_step_fails_the_last_request_and_the_rest_decode_on(pair, tokenizer, monkeypatch):
+    after, before = pair.after.model, pair.before.model
+
+    def inject(cls):
+        real, fired = cls.decode_one_token, []
+
+        def flaky(self, tokens, mask, positions):
+            if tokens.shape[0] >= 8 and not fired:
+                fired.append(tokens.shape[0])
+                raise torch.OutOfMemoryError("out of memory (injected)")
+            return real(self, tokens, mask, positions)
+
+        monkeypatch.setattr(cls, "decode_one_token", flaky)
+        return fired
+
+    fired = inject(ModelSource)
+    reference = run(lambda: ModelSource(after, before), tokenizer)
+    assert fired and sum(isinstance(o, RowFailed) for o in reference.values()) == 1
+    pool = StaticPool([after, before], compile=False)
+    fired = inject(StaticSource)
+    got = run(lambda: StaticSource(pool), tokenizer)
+    assert fired
+    same_outputs(reference, got, after)
+
+
+def test_the_compiled_step_decodes_the_same_and_never_recompiles_in_steady_state(pair, tokenizer):
+    after, before = pair.after.model, pair.before.model
+    reference = run(lambda: ModelSource(after, before), tokenizer)
+    compiler = DecodeCompiler()
+    compiler.warm_up([((after, before), None)], max_rows=16)
+    pool = compiler.pool((after, before))
+    assert set(pool.compile_seconds) == {(b, 256) for b in (1, 2, 4, 8, 16)}
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    got = run(compiler.source((after, before)), tokenizer)
+    same_outputs(reference, got, after)
+    got = run(compiler.source((after, before)), tokenizer)  # again: the pool's caches reused
+    same_outputs(reference, got, after)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["recompiles"].values()) == recompiles
+    assert compiler.info()["not_compiled"] == {}
+
+
+def test_a_server_with_compile_on_answers_as_with_compile_off(pair, tmp_path):
+    bodies = [
+        {"prompts": ["the sun is", "a cat"], "alphas": [0, 2], "temperature": 0, "max_new_tokens": 12,
+         "apply_chat_template": False, "details": True},
+        {"prompt": "rain falls", "n": 3, "temperature": 1.0, "seed": 5, "max_new_tokens": 9,
+         "apply_chat_template": False},
+    ]  # fmt: skip
+    answers = {}
+    try:
+        for mode in ("off", "on"):
+            settings = Settings(_env_file=None, data_dir=tmp_path / mode, compile=mode, max_batch_rows=8)
+            with TestClient(create_app(settings, loader=lambda s: (pair, None))) as client:
+                wait_ready(client)
+                info = client.get("/info").json()["compile"]
+                assert info["setting"] == mode and info["enabled"] == (mode == "on")
+                if mode == "on":  # compiled before /ready: every bucket's first step is done
+                    assert info["warm_up_s"] > 0 and len(next(iter(info["first_step_s"].values()))) == 4
+                answers[mode] = [client.post("/generate_lda", json=b).json() for b in bodies]
+                alone = {"prompt": "a cat", "temperature": 0, "max_new_tokens": 6, "apply_chat_template": False}
+                answers[mode].append(client.post("/generate", json=alone).json())  # each model alone
+    finally:
+        static.use(None)  # the process's other servers decode eagerly
+    off, on = answers["off"], answers["on"]
+    assert [r["completion"] for r in on[0]["results"]] == [r["completion"] for r in off[0]["results"]]
+    assert [r["completion"] for r in on[1]["results"]] == [r["completion"] for r in off[1]["results"]]
+    assert on[2]["model_1"] == off[2]["model_1"] and on[2]["model_2"] == off[2]["model_2"]
