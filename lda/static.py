@@ -26,6 +26,7 @@ the static cache at their first step or when they join a running batch), `keep_r
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from lda.cache_ops import Layers
+from lda.paired import PairedWeights, paired_forward, why_not_paired
 from lda.source import ModelSource, input_device, logits_width
 
 MIN_LENGTH = 256
@@ -95,17 +97,107 @@ class Shape:
     length: int  # cache columns
 
 
+def _hf_step(
+    models: list[Any],
+    width: int,
+    caches: list[StaticCache],
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    column: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Each model's own forward on its static cache (the write column is the caches' counters)."""
+    out = []
+    for model, cache in zip(models, caches):
+        logits = model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        out.append(logits[:, -1, :width].float())
+    return out
+
+
+def _paired_step(
+    paired: PairedWeights,
+    width: int,
+    caches: list[StaticCache],
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    column: torch.Tensor,
+) -> list[torch.Tensor]:
+    return paired_forward(paired, caches, tokens, mask, positions, column, width)
+
+
+class Family:
+    """What every pool of one set of models shares: the models, their paired weights, the step
+    function (compiled once: the pools pass their caches as arguments, so a second pool reuses the
+    graphs) and the compile timings. Each running batch has a pool of its own (its caches): the
+    engine runs an isolated experiment's batch beside the interactive one on the same models."""
+
+    def __init__(
+        self, models: Sequence[Any], width: int | None, compile: bool, mode: str | None, dynamic: bool,
+        paired: bool,
+    ) -> None:  # fmt: skip
+        why = supports_static(models)
+        if why:
+            raise ValueError(f"no static cache: {why}")
+        self.models = list(models)
+        self.width = width or min(logits_width(m) for m in self.models)
+        self.compiled = compile
+        self.graphs = compile and mode is not None and "reduce-overhead" in mode  # CUDA graphs
+        self.options = {"dynamic": dynamic, "mode": mode}
+        # Two Llama-family models of one shape: the paired step (lda.paired); else each model's forward.
+        self.paired = PairedWeights(self.models) if paired and why_not_paired(self.models) is None else None
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.pools: list[StaticPool] = []
+        self.step = self._build()
+
+    def _build(self) -> Callable[..., list[torch.Tensor]]:
+        fn = _paired_step if self.paired is not None else _hf_step
+        return torch.compile(fn, **self.options) if self.compiled else fn
+
+    @property
+    def first_argument(self) -> Any:
+        return self.paired if self.paired is not None else self.models
+
+    def check(self) -> None:
+        """Before a step: a replaced (not changed in place) parameter, a wrapper or a hook makes the
+        stacks stale, so the models' own forward takes over (one more compile)."""
+        if self.paired is not None and not self.paired.intact():
+            self.paired = None
+            self.step = self._build()
+            for pool in self.pools:
+                pool._column = None
+
+    def claim(self, source: Any, home: StaticPool) -> StaticPool:
+        """A pool for `source`'s rows: `home` or another whose batch has ended, else a new one."""
+        for pool in [home, *self.pools]:
+            owner = pool.owner() if pool.owner is not None else None
+            if owner is None or owner is source:
+                break
+        else:
+            pool = StaticPool(self.models, self.width, family=self)
+        # A second batch's caches go when its batch ends (the first pool's stay for the next one).
+        pool.owner = weakref.ref(source) if pool is self.pools[0] else weakref.ref(source, pool._released)
+        return pool
+
+
 class StaticPool:
-    """The static caches and the compiled step shared by every `StaticSource` of a set of models
-    (the engine's running batch is the only user at a time: one cache of the current shape is
-    kept, the previous one freed when the shape changes).
+    """One running batch's static caches (one per model, of the current shape: the previous one is
+    freed when the shape changes), stepped with its family's step function.
 
     `compile=False` runs the same static-cache step eagerly (the reference the compiled one is
     tested against). `mode` is torch.compile's ("reduce-overhead" adds CUDA graphs on a GPU).
     `dynamic=True` compiles one graph whose batch and length are symbolic (dynamo still
     specializes a batch of 1), so every bucket after the first costs no compile: on 2 CPU cores a
     compile takes ~20 s for a 2-layer model; CUDA graphs are still recorded per bucket.
-    `dynamic=False` compiles each bucket's shape on its own.
+    `dynamic=False` compiles each bucket's shape on its own. `paired=False` keeps each model's own
+    forward where the paired step would apply. `family`: share another pool's (see `Family`).
     """
 
     def __init__(
@@ -115,23 +207,32 @@ class StaticPool:
         compile: bool = True,
         mode: str | None = None,
         dynamic: bool = True,
+        paired: bool = True,
+        family: Family | None = None,
     ) -> None:
-        why = supports_static(models)
-        if why:
-            raise ValueError(f"no static cache: {why}")
-        self.models = list(models)
+        self.family = family or Family(models, width, compile, mode, dynamic, paired)
+        self.family.pools.append(self)
+        self.models = self.family.models
         self.device = input_device(self.models[0])
-        self.width = width or min(logits_width(m) for m in self.models)
+        self.width = self.family.width
         self.window = _window(self.models)
         self.shape: Shape | None = None
         self.caches: list[StaticCache] = []
-        self.compiled = compile
-        self.graphs = compile and mode is not None and "reduce-overhead" in mode  # CUDA graphs
+        self.owner: weakref.ref[Any] | None = None  # the StaticSource whose rows the caches hold
         self._column: int | None = None  # what every layer's write counter holds now
-        self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._step: Callable[..., list[torch.Tensor]] = (
-            torch.compile(self._forward, dynamic=dynamic, mode=mode) if compile else self._forward
-        )
+        self._column_t = torch.zeros(1, dtype=torch.long, device=self.device)  # the paired step's column
+
+    @property
+    def paired(self) -> PairedWeights | None:
+        return self.family.paired
+
+    def _released(self, _: Any) -> None:
+        """The batch using these caches ended (its source is gone): free them."""
+        self.caches, self.shape, self._column = [], None, None
+
+    @property
+    def compile_seconds(self) -> dict[tuple[int, int], float]:
+        return self.family.compile_seconds
 
     # -- caches ----------------------------------------------------------------------------------
 
@@ -185,29 +286,17 @@ class StaticPool:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def _forward(
-        self, caches: list[StaticCache], tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> list[torch.Tensor]:
-        out = []
-        for model, cache in zip(self.models, caches):
-            logits = model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            out.append(logits[:, -1, : self.width].float())
-        return out
-
     @torch.no_grad()
     def step(
         self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, column: int
     ) -> list[torch.Tensor]:
         """One decode step of the current shape: `tokens` [b, 1], `mask` [b, L], `positions` [b, 1];
         the new K/V go to column `column` of every slot."""
-        if column != self._column:
+        family = self.family
+        family.check()
+        if family.paired is not None:
+            self._column_t.fill_(column)
+        elif column != self._column:
             # Each layer's counter says where its next write goes, and a step advances it by one:
             # set only when the batch's column moved otherwise (a join, a trim, a new cache).
             for cache in self.caches:
@@ -216,13 +305,15 @@ class StaticPool:
         self._column = None  # a step that fails part-way leaves the counters unknown
         key = (self.shape.rows, self.shape.length)
         started = time.perf_counter()
-        if self.graphs:
+        if family.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self._step(self.caches, tokens, mask, positions)
-        if self.graphs:
+        out = family.step(
+            family.first_argument, self.width, self.caches, tokens, mask, positions, self._column_t
+        )
+        if family.graphs:
             out = [o.clone() for o in out]  # a replay's outputs are overwritten by the next replay
-        if self.compiled and key not in self.compile_seconds:
-            self.compile_seconds[key] = round(time.perf_counter() - started, 2)
+        if family.compiled and key not in family.compile_seconds:
+            family.compile_seconds[key] = round(time.perf_counter() - started, 2)
         self._column = column + 1
         return out
 
@@ -251,6 +342,12 @@ class StaticSource:
         models = self.pool.models
         return ModelSource(models[0], models[1] if len(models) > 1 else None, self.pool.width)
 
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at every position (a prompt's own logprobs): eager, no cache involved."""
+        return self._pending_source().score(input_ids, attention_mask, position_ids)
+
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,6 +366,7 @@ class StaticSource:
         caches = self.pending.caches
         k = caches[0].layers[0].keys.shape[0]
         s = caches[0].layers[0].keys.shape[-2]
+        self.pool = self.pool.family.claim(self, self.pool)
         self.pool.reshape(self._shape(k, columns), None, 0)
         self.pool.write(0, [[(layer.keys, layer.values) for layer in c.layers] for c in caches], 0)
         self.rows, self.columns, self.pending = k, s, None
@@ -395,7 +493,7 @@ class DecodeCompiler:
                 # gets one tensor for both.
                 tokens = torch.zeros((rows, 1), dtype=torch.long, device=pool.device)
                 positions = torch.zeros((rows, 1), dtype=torch.long, device=pool.device)
-                for _ in range(2 if pool.graphs else 1):  # CUDA graphs record on a later call
+                for _ in range(2 if pool.family.graphs else 1):  # CUDA graphs record on a later call
                     pool.step(tokens, mask, positions, 0)
         self.warm_up_seconds = round(time.perf_counter() - started, 2)
         return self.warm_up_seconds

@@ -122,21 +122,28 @@ def test_a_step_out_of_memory_fails_one_request_and_the_batch_goes_on(client, mo
     # 503; the others answer exactly as alone; the budget drops below what failed (the gauge says); the
     # weights are untouched and the next request is fine.
     from lda.source import ModelSource
+    from lda.static import StaticSource
 
     scheduler = client.app.state.engine.scheduler
     budget = scheduler.max_tokens
     pair = client.app.state.pair
     weights = digests(pair.after.model), digests(pair.before.model)
     alone = [client.post("/generate_lda", json=body(i, False)).json()["results"] for i in range(4)]
-    real, fired = ModelSource.decode_one_token, []
+    fired = []
 
-    def flaky(self, tokens, mask, positions):
-        if tokens.shape[0] >= 3 and not fired:
-            fired.append(tokens.shape[0])
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, tokens, mask, positions)
+    def inject(cls):  # eager, or the static-cache source under COMPILE=on
+        real = cls.decode_one_token
 
-    monkeypatch.setattr(ModelSource, "decode_one_token", flaky)
+        def flaky(self, tokens, mask, positions):
+            if tokens.shape[0] >= 3 and not fired:
+                fired.append(tokens.shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(self, tokens, mask, positions)
+
+        monkeypatch.setattr(cls, "decode_one_token", flaky)
+
+    inject(ModelSource)
+    inject(StaticSource)
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda i: client.post("/generate_lda", json=body(i, False)), range(4)))

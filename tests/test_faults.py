@@ -6,23 +6,30 @@ import pytest
 import torch
 
 from lda.source import ModelSource
+from lda.static import StaticPool
 from tests.test_amplification_api import config, setup  # noqa: F401  (setup: the app with adapters)
 from tests.test_amplification_merge import digests
 
 
 @pytest.fixture
 def oom_on_third_forward(monkeypatch):
-    """A test hook standing in for CUDA running out of memory part-way through a decode."""
-    real = ModelSource._forward
+    """A test hook standing in for CUDA running out of memory part-way through a decode: the third
+    forward, eager (`ModelSource`) or a static-cache step (`StaticPool`, under COMPILE=on)."""
     calls = {"n": 0}
 
-    def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, *args, **kwargs)
+    def inject(cls, name):
+        real = getattr(cls, name)
 
-    monkeypatch.setattr(ModelSource, "_forward", flaky)
+        def flaky(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, flaky)
+
+    inject(ModelSource, "_forward")
+    inject(StaticPool, "step")
     return calls
 
 

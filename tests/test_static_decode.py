@@ -1,12 +1,15 @@
 """Decode on static KV caches with a compiled step (`lda.static`, COMPILE): the same tokens as the
-dynamic eager path through joins, leaves, cancellation, sampling and an out-of-memory step; one
-compiled graph in steady state; a server with COMPILE=on answering as with COMPILE=off.
+dynamic eager path through joins, leaves, cancellation, sampling and an out-of-memory step, with
+the paired step (`lda.paired`: both models' matrices as one batched matmul) and with each model's
+own forward; the paired step follows in-place weight changes and falls back when a parameter is
+replaced; one compiled graph in steady state; a server with COMPILE=on answering as COMPILE=off.
 
 The static path runs two ways: `compile=False` (the static layout, eager: fast, so every scenario
 runs) and compiled (inductor's C++ kernels here; ~15 s per graph on 2 cores, so one scenario)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
@@ -17,6 +20,7 @@ from lda.sampling import SamplingParams
 from lda.source import ModelSource
 from lda.static import DecodeCompiler, StaticPool, StaticSource, length_bucket, row_bucket, row_buckets
 from tests.test_api import wait_ready
+from tests.tiny import tiny_llama
 
 from app.main import create_app
 from app.settings import Settings
@@ -76,7 +80,11 @@ def same_outputs(reference, got, model):
         scale = max(abs(lp.after) for lp in ref.logprobs)
         tol = tolerance(model, scale)
         for a, b in zip(ref.logprobs, out.logprobs, strict=True):
-            assert abs(a.after - b.after) <= tol and abs(a.amplified - b.amplified) <= (1 + 2 * 1.5) * tol, (key, a, b)
+            assert abs(a.after - b.after) <= tol and abs(a.amplified - b.amplified) <= (1 + 2 * 1.5) * tol, (
+                key,
+                a,
+                b,
+            )
             assert (a.before is None) == (b.before is None)
             assert a.before is None or abs(a.before - b.before) <= tol, (key, a, b, tol)
 
@@ -88,11 +96,13 @@ def test_buckets():
     assert length_bucket(300, 300) == 300 and length_bucket(900, 512) == 900  # capped at the window
 
 
-def test_the_static_layout_decodes_what_the_dynamic_cache_does(pair, tokenizer):
+@pytest.mark.parametrize("paired", [True, False])
+def test_the_static_layout_decodes_what_the_dynamic_cache_does(pair, tokenizer, paired):
     after, before = pair.after.model, pair.before.model
     reference = run(lambda: ModelSource(after, before), tokenizer)
     assert len(reference) == 16
-    pool = StaticPool([after, before], compile=False)
+    pool = StaticPool([after, before], compile=False, paired=paired)
+    assert (pool.paired is not None) == paired
     got = run(lambda: StaticSource(pool), tokenizer)
     same_outputs(reference, got, after)
     # A request cancelled mid-run leaves its slots; the others decode on unchanged.
@@ -102,6 +112,68 @@ def test_the_static_layout_decodes_what_the_dynamic_cache_does(pair, tokenizer):
     # One model alone (the /generate and control batches).
     alone = run(lambda: ModelSource(before), tokenizer)
     same_outputs(alone, run(lambda: StaticSource(StaticPool([before], compile=False)), tokenizer), before)
+
+
+def test_two_running_batches_on_the_same_models_keep_their_own_caches(pair, tokenizer):
+    """The engine runs an isolated experiment's batch beside the interactive one: each gets a pool."""
+    after, before = pair.after.model, pair.before.model
+
+    def two(make_source):
+        batches = [RunningBatch(make_source, tokenizer) for _ in range(2)]
+        out = {}
+        config = DecodeConfig(12, SamplingParams(0.0), frozenset(), details=True)
+        for i, batch in enumerate(batches):
+            rows = [Row(tuple(tokenizer(PROMPTS[i + j])["input_ids"]), 1.0 * j) for j in range(3)]
+            batch.admit(rows, config, ticket=i)
+        while any(batches):
+            for batch in batches:
+                for ticket, event in batch.step():
+                    if isinstance(event, RowOutput):
+                        out[(ticket, event.row)] = event
+        return out
+
+    pool = StaticPool([after, before], compile=False)
+    same_outputs(two(lambda: ModelSource(after, before)), two(lambda: StaticSource(pool)), after)
+    assert len(pool.family.pools) == 2
+    assert pool.family.pools[1].caches == []  # the second batch ended: its caches were freed
+    assert len(two(lambda: StaticSource(pool))) == 6 and len(pool.family.pools) == 2  # reused
+
+
+def test_the_paired_step_with_biases_follows_in_place_changes_and_survives_a_replaced_parameter(tokenizer):
+    # Qwen2-style projection biases, grouped heads (4 query, 2 key/value); fresh models: the
+    # parameters are changed and replaced here.
+    after = tiny_llama(tokenizer, 11, attention_bias=True, mlp_bias=True)
+    before = tiny_llama(tokenizer, 12, attention_bias=True, mlp_bias=True)
+    pool = StaticPool([after, before], compile=False)
+    assert pool.paired is not None
+    parameters = sum(p.numel() for m in (after, before) for p in m.parameters())
+    same_outputs(
+        run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after
+    )
+    # The models' parameters are views of the stacks: stacking copied nothing for good.
+    assert sum(p.numel() for m in (after, before) for p in m.parameters()) == parameters
+    assert after.model.layers[1].mlp.up_proj.weight.data_ptr() == pool.paired.layers[1].mlp[1][0].data_ptr()
+    # An in-place change (what an amplification merge does) is what the paired step reads.
+    weight = before.model.layers[0].self_attn.v_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(3.0)
+    try:
+        same_outputs(
+            run(lambda: ModelSource(after, before), tokenizer),
+            run(lambda: StaticSource(pool), tokenizer),
+            after,
+        )
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    # A replaced parameter: the stacks are stale, so the models' own forward takes over.
+    layer = after.model.layers[1].mlp.down_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+    same_outputs(
+        run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after
+    )
+    assert pool.paired is None
 
 
 def test_an_out_of_memory_step_fails_the_last_request_and_the_rest_decode_on(pair, tokenizer, monkeypatch):
@@ -164,7 +236,12 @@ def test_a_server_with_compile_on_answers_as_with_compile_off(pair, tmp_path):
                 if mode == "on":  # compiled before /ready: every bucket's first step is done
                     assert info["warm_up_s"] > 0 and len(next(iter(info["first_step_s"].values()))) == 4
                 answers[mode] = [client.post("/generate_lda", json=b).json() for b in bodies]
-                alone = {"prompt": "a cat", "temperature": 0, "max_new_tokens": 6, "apply_chat_template": False}
+                alone = {
+                    "prompt": "a cat",
+                    "temperature": 0,
+                    "max_new_tokens": 6,
+                    "apply_chat_template": False,
+                }
                 answers[mode].append(client.post("/generate", json=alone).json())  # each model alone
     finally:
         static.use(None)  # the process's other servers decode eagerly
