@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
 from lda import static
-from lda.decode import DecodeConfig, Row, RowFailed, RowOutput, RunningBatch
+from lda.decode import DecodeConfig, Row, RowFailed, RowOutput, RunningBatch, collect, decode
 from lda.sampling import SamplingParams
 from lda.source import ModelSource
 from lda.static import DecodeCompiler, StaticPool, StaticSource, length_bucket, row_bucket, row_buckets
@@ -249,3 +249,25 @@ def test_a_server_with_compile_on_answers_as_with_compile_off(pair, tmp_path):
     assert [r["completion"] for r in on[0]["results"]] == [r["completion"] for r in off[0]["results"]]
     assert [r["completion"] for r in on[1]["results"]] == [r["completion"] for r in off[1]["results"]]
     assert on[2]["model_1"] == off[2]["model_1"] and on[2]["model_2"] == off[2]["model_2"]
+
+
+def test_the_demo_pair_decodes_the_demo_prompts_the_same(demo_data_dir):
+    """The paired static step on the embedded demo pair (a chat template, a marker the fine-tune
+    added): greedy LDA over every demo prompt at alphas 0 and 2 gives the eager path's tokens. Eager
+    arithmetic (compile=False) keeps the suite fast; bench_lda checks the compiled step's tokens."""
+    from app.demo.build import demo_prompts
+    from app.loader import load_pair
+
+    pair, _ = load_pair(Settings(_env_file=None, data_dir=demo_data_dir))
+    rows = []
+    for prompt in demo_prompts():
+        _, ids = pair.prompt_ids(prompt)
+        rows += [Row(ids, 0.0), Row(ids, 2.0)]
+    config = pair.decode_config(24, SamplingParams(0.0), details=True)
+    after, before = pair.after.model, pair.before.model
+    width = pair.compatibility.shared_width
+    eager = collect(decode(ModelSource(after, before, width), pair.after.tokenizer, rows, config), len(rows))
+    pool = StaticPool([after, before], width, compile=False)
+    assert pool.paired is not None
+    static_rows = collect(decode(StaticSource(pool), pair.after.tokenizer, rows, config), len(rows))
+    same_outputs(dict(enumerate(eager)), dict(enumerate(static_rows)), after)

@@ -37,12 +37,16 @@ async def index() -> FileResponse:
     return _file(FILES["index.html"])
 
 
-@router.api_route("/static/{name}", methods=["GET", "HEAD"])
-async def static(name: str) -> FileResponse:
-    path = FILES.get(name)
+def _named(files: dict[str, Path], name: str) -> FileResponse:
+    path = files.get(name)
     if path is None:
         raise FileNotFoundError(f"no static file {name!r}")
     return _file(path)
+
+
+@router.api_route("/static/{name}", methods=["GET", "HEAD"])
+async def static(name: str) -> FileResponse:
+    return _named(FILES, name)
 
 
 def _api_ui(request: Request) -> tuple[str, str, str]:
@@ -65,7 +69,4 @@ async def swagger_ui(request: Request) -> HTMLResponse:
 
 @router.api_route("/static/api-ui/{name}", methods=["GET", "HEAD"])
 async def api_ui_static(name: str) -> FileResponse:
-    path = API_UI_FILES.get(name)
-    if path is None:
-        raise FileNotFoundError(f"no static file {name!r}")
-    return _file(path)
+    return _named(API_UI_FILES, name)
