@@ -14,7 +14,7 @@ from lda.compat import IncompatibleTokenizersError, TokenizerCompatibility, chec
 from lda.decode import DecodeConfig, Row, RowOutput, TokenEvent, collect, decode
 from lda.loading import LoadConfig, eos_ids, load_model, load_tokenizer
 from lda.sampling import SamplingParams
-from lda.source import ModelSource, logits_width
+from lda.source import ModelSource, context_window, logits_width
 
 
 def format_prompt(
@@ -38,11 +38,11 @@ def encode(tokenizer: Any, formatted: str, templated: bool) -> tuple[int, ...]:
 
 def check_context(prompt_tokens: int, max_new_tokens: int, *models: Any) -> None:
     """Refuse a prompt that cannot fit with its completion in every model's context window."""
-    windows = [w for m in models if (w := getattr(m.config, "max_position_embeddings", None))]
-    if windows and prompt_tokens + max_new_tokens > min(windows):
+    window = context_window(models)
+    if window is not None and prompt_tokens + max_new_tokens > window:
         raise ValueError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "
-            f"{prompt_tokens + max_new_tokens} exceeds the context window of {min(windows)} tokens"
+            f"{prompt_tokens + max_new_tokens} exceeds the context window of {window} tokens"
         )
 
 

@@ -15,6 +15,12 @@ def input_device(model: Any) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def context_window(models: Any) -> int | None:
+    """The shortest context window (`max_position_embeddings`) of `models`; None if none says."""
+    windows = [w for m in models if (w := getattr(m.config, "max_position_embeddings", None))]
+    return min(windows) if windows else None
+
+
 def logits_width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 

@@ -36,7 +36,7 @@ from transformers import DynamicCache, StaticCache
 
 from lda.cache_ops import Layers
 from lda.paired import PairedWeights, paired_forward, why_not_paired
-from lda.source import ModelSource, input_device, logits_width
+from lda.source import ModelSource, context_window, input_device, logits_width
 
 MIN_LENGTH = 256
 
@@ -67,11 +67,6 @@ def _kv_shape(model: Any) -> tuple[int, int]:
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return int(heads), int(head_dim)
-
-
-def _window(models: Sequence[Any]) -> int | None:
-    windows = [w for m in models if (w := getattr(m.config, "max_position_embeddings", None))]
-    return min(windows) if windows else None
 
 
 def supports_static(models: Sequence[Any]) -> str | None:
@@ -215,7 +210,7 @@ class StaticPool:
         self.models = self.family.models
         self.device = input_device(self.models[0])
         self.width = self.family.width
-        self.window = _window(self.models)
+        self.window = context_window(self.models)
         self.shape: Shape | None = None
         self.caches: list[StaticCache] = []
         self.owner: weakref.ref[Any] | None = None  # the StaticSource whose rows the caches hold

@@ -17,7 +17,7 @@ from amplification import field_path, merged
 from lda import LDAModelPair, Row, RowOutput, SamplingParams, TokenEvent, TokenLogprobs, decode
 from lda.pair import Side, check_context, encode
 from lda.score import prompt_logprobs
-from lda.source import ModelSource
+from lda.source import ModelSource, context_window
 
 from app.amplification_lens.jobs import adapter_target
 from app.amplification_lens.jobs import text_side as base_side
@@ -152,10 +152,10 @@ def completion_job(
     def run(job: Job) -> Generator[Any, Any, Result | None]:
         with open_lens(lens, alpha, adapter, pair, amp, work.steering) as target:
             texts, ids = zip(*(prompt_ids(work, target.side, i) for i in range(len(work.prompts))))
-            windows = [w for m in target.models if (w := getattr(m.config, "max_position_embeddings", None))]
+            window = context_window(target.models)
             max_tokens = work.max_tokens
             if max_tokens is None:  # as much as fits, up to the server's limit
-                room = min(windows) - max(map(len, ids)) if windows else work.limit
+                room = window - max(map(len, ids)) if window is not None else work.limit
                 max_tokens = max(1, min(work.limit, room))
             for p in ids:
                 if not p:
