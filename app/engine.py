@@ -90,7 +90,11 @@ class Engine:
         max_batch_rows: int = 256,
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
+        before_job: Callable[[], None] | None = None,
     ) -> None:
+        # Called on the engine thread before any job's code runs (a job may change the models;
+        # decode steps between jobs do not): the compiled decode re-checks its weights then.
+        self._before_job = before_job or (lambda: None)
         # Unbounded: `submit` bounds what waits (this queue, the deferred jobs and the scheduler's
         # queued works together) by `queue_size`.
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -206,6 +210,7 @@ class Engine:
         self._current = job
         self._changed()
         try:
+            self._before_job()
             result = job.fn(job)
         except BaseException as exc:  # handed to the awaiting request, never kills the worker
             job._settle(error=exc)
@@ -221,6 +226,7 @@ class Engine:
         """Run a generator job to its next BatchWork (queued with the scheduler) or its end."""
         self._current = job
         try:
+            self._before_job()
             if item is None:
                 work = next(gen)
             elif getattr(item, "error", None) is not None:

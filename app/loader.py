@@ -61,7 +61,9 @@ def compiled_decode(pair: LDAModelPair, settings: Settings) -> None:
     if settings.compile == "off" or (settings.compile == "auto" and not on_cuda):
         static.use(None)
         return
-    compiler = static.DecodeCompiler(mode="reduce-overhead" if on_cuda else None)
+    # Trusting: the paired weights are checked after each engine job (`Engine(before_job=...)`),
+    # the only code that changes the models, not before every step.
+    compiler = static.DecodeCompiler(mode="reduce-overhead" if on_cuda else None, trusting=True)
     static.use(compiler)
     sets = [((pair.after.model, pair.before.model), pair.compatibility.shared_width)]
     if not pair.compatibility.compatible:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from lda import paired
 from lda.experiments import ExperimentStore
 from lda.jobs import JobStore
 
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_pair) -> 
         settings.max_batch_rows,
         settings.max_batch_tokens,
         settings.max_prefill_tokens,
+        before_job=paired.may_change,
     )
     app.state.pair = None
     app.state.amplifier = None

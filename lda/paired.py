@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 ARCHITECTURES = {"llama", "mistral", "qwen2"}
+# Bumped by `may_change`: a `PairedWeights.intact` check of an unchanged generation can be skipped.
+_generation = 0
 # Per layer: (the attribute path of each projection, in order).
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -150,6 +152,19 @@ class PairedWeights:
         return True
 
 
+def may_change() -> None:
+    """Code that may replace, wrap or hook the models' modules is about to run: the next step of
+    every paired step that checks by generation (`lda.static.Family`, `trusting`) checks in full.
+    The server's engine calls it before every job's code; on 2 CPU cores the full check costs
+    ~0.25 ms a step (its ~300 objects are out of the caches after a step), 2% of a token."""
+    global _generation
+    _generation += 1
+
+
+def generation() -> int:
+    return _generation
+
+
 def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's RMSNorm, both models at once: h [2, b, H], weight [2, H]."""
     dtype = h.dtype
@@ -172,8 +187,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _attend(
     weights: PairedWeights, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """One query per row over the whole static cache: q [b, heads, 1, dim], keys and values
-    [b, kv_heads, L, dim], bias [b, 1, 1, L] (0 or -inf). On a GPU, SDPA; on a CPU the same
+    """One query per row over the cache's used columns: q [b, heads, 1, dim], keys and values
+    [b, kv_heads, U, dim], bias [b, 1, 1, U] (0 or -inf). On a GPU, SDPA; on a CPU the same
     arithmetic written out (two matmuls and a softmax in fp32), which the compiler fuses: the CPU
     SDPA kernel costs ~0.16 ms a call at one query, as much as a layer's weights take to read."""
     if q.device.type != "cpu":
@@ -197,9 +212,10 @@ def paired_forward(
     column: torch.Tensor,
     width: int | None,
 ) -> list[torch.Tensor]:
-    """One decode step of both models: tokens [b, 1], mask [b, L] (1 = attend), positions [b, 1],
-    the new keys and values written at `column` (a one-element long tensor) of each model's static
-    cache. Returns each model's last-position logits, fp32, [b, width]."""
+    """One decode step of both models: tokens [b, 1], mask [b, U] (1 = attend) over the first U
+    columns of the static caches (U <= their length L: attention reads only those columns),
+    positions [b, 1], the new keys and values written at `column` (a one-element long tensor,
+    < U) of each model's static cache. Returns each model's last-position logits, fp32, [b, width]."""
     a, b = weights.models
     h = torch.stack([a.model.embed_tokens(tokens[:, 0]), b.model.embed_tokens(tokens[:, 0])])  # [2, b, H]
     rows = h.shape[1]
@@ -208,6 +224,7 @@ def paired_forward(
     allowed = mask.bool()[:, None, None, :]  # [b, 1, 1, L]
     bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, float("-inf"))
     heads, kv_heads, dim = weights.heads, weights.kv_heads, weights.head_dim
+    used = mask.shape[-1]  # the cache columns attention reads
     for i, layer in enumerate(weights.layers):
         x = _rms(h, layer.norms[0], weights.eps)
         q_w, k_w, v_w, o_w = layer.attention
@@ -222,7 +239,7 @@ def paired_forward(
             keys, values = cache.layers[i].keys, cache.layers[i].values  # [b, kv_heads, L, dim]
             keys.index_copy_(2, column, k[m])
             values.index_copy_(2, column, v[m])
-            outs.append(_attend(weights, q[m], keys, values, bias))  # [b, heads, 1, dim]
+            outs.append(_attend(weights, q[m], keys[:, :, :used], values[:, :, :used], bias))
         attended = torch.stack(outs).view(2, rows, heads * dim)
         h = h + _linear(attended, o_w, o_b)
         x = _rms(h, layer.norms[1], weights.eps)

@@ -17,10 +17,12 @@ dropped.
 
 The layout is the dynamic path's, column for column: rows left-padded to the batch's length `S`,
 the step writing column `S - 1` of every row (`StaticLayer.cumulative_length`, set before each
-step), the 2-D attention mask `[b, L]` zero past `S` and on padding. So `RunningBatch` drives a
-`StaticSource` exactly as a `ModelSource`: prefill (eager, into a dynamic cache; the rows move into
-the static cache at their first step or when they join a running batch), `keep_rows`, `join`,
-`trim_left`, `crop`.
+step), the 2-D attention mask zero on padding. The paired step (`lda.paired`) attends over the
+used columns only (a mask `[b, S]`, its width a symbolic size of the compiled graph, so reading the
+cache costs what the dynamic cache's does); each model's own forward and a CUDA graph take the
+mask over the whole cache `[b, L]`. So `RunningBatch` drives a `StaticSource` exactly as a
+`ModelSource`: prefill (eager, into a dynamic cache; the rows move into the static cache at their
+first step or when they join a running batch), `keep_rows`, `join`, `trim_left`, `crop`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
+from lda import paired as pairing
 from lda.cache_ops import Layers
 from lda.paired import PairedWeights, paired_forward, why_not_paired
 from lda.source import ModelSource, context_window, input_device, logits_width
@@ -128,15 +131,28 @@ def _paired_step(
     return paired_forward(paired, caches, tokens, mask, positions, column, width)
 
 
+def _configure_dynamo() -> None:
+    """Process-wide settings for the decode step's compiles (the only ones the server makes)."""
+    # Dynamo keeps graphs per code object: every family's step is the same function with its own
+    # models, a batch of 1 is its own graph, and past the default 8 it would run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Sizes that happen to be equal while tracing (the used columns and the rows, say) would
+    # otherwise share one symbol, and the graph would recompile when they part.
+    torch.fx.experimental._config.use_duck_shape = False
+
+
 class Family:
     """What every pool of one set of models shares: the models, their paired weights, the step
     function (compiled once: the pools pass their caches as arguments, so a second pool reuses the
     graphs) and the compile timings. Each running batch has a pool of its own (its caches): the
-    engine runs an isolated experiment's batch beside the interactive one on the same models."""
+    engine runs an isolated experiment's batch beside the interactive one on the same models.
+
+    `trusting`: check the paired weights only when `lda.paired.may_change` was called since the
+    last check (the server: its engine calls it before every job), not before every step."""
 
     def __init__(
         self, models: Sequence[Any], width: int | None, compile: bool, mode: str | None, dynamic: bool,
-        paired: bool,
+        paired: bool, trusting: bool = False,
     ) -> None:  # fmt: skip
         why = supports_static(models)
         if why:
@@ -148,6 +164,10 @@ class Family:
         self.options = {"dynamic": dynamic, "mode": mode}
         # Two Llama-family models of one shape: the paired step (lda.paired); else each model's forward.
         self.paired = PairedWeights(self.models) if paired and why_not_paired(self.models) is None else None
+        self.trusting = trusting
+        self._checked: int | None = None  # the generation the last full check saw
+        if compile:
+            _configure_dynamo()
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self.pools: list[StaticPool] = []
         self.step = self._build()
@@ -157,13 +177,24 @@ class Family:
         return torch.compile(fn, **self.options) if self.compiled else fn
 
     @property
+    def reads_used_columns(self) -> bool:
+        """Whether the step attends over the used columns only (the paired step without CUDA
+        graphs: a mask as wide as the used columns, a symbolic size in the compiled graph), not the
+        whole cache (each model's own forward needs a mask as long as its cache; a CUDA graph
+        replays fixed shapes)."""
+        return self.paired is not None and not self.graphs
+
+    @property
     def first_argument(self) -> Any:
         return self.paired if self.paired is not None else self.models
 
     def check(self) -> None:
         """Before a step: a replaced (not changed in place) parameter, a wrapper or a hook makes the
         stacks stale, so the models' own forward takes over (one more compile)."""
-        if self.paired is not None and not self.paired.intact():
+        if self.paired is None or (self.trusting and self._checked == pairing.generation()):
+            return
+        self._checked = pairing.generation()
+        if not self.paired.intact():
             self.paired = None
             self.step = self._build()
             for pool in self.pools:
@@ -193,6 +224,7 @@ class StaticPool:
     compile takes ~20 s for a 2-layer model; CUDA graphs are still recorded per bucket.
     `dynamic=False` compiles each bucket's shape on its own. `paired=False` keeps each model's own
     forward where the paired step would apply. `family`: share another pool's (see `Family`).
+    `trusting`: see `Family`.
     """
 
     def __init__(
@@ -204,8 +236,9 @@ class StaticPool:
         dynamic: bool = True,
         paired: bool = True,
         family: Family | None = None,
+        trusting: bool = False,
     ) -> None:
-        self.family = family or Family(models, width, compile, mode, dynamic, paired)
+        self.family = family or Family(models, width, compile, mode, dynamic, paired, trusting)
         self.family.pools.append(self)
         self.models = self.family.models
         self.device = input_device(self.models[0])
@@ -213,6 +246,7 @@ class StaticPool:
         self.window = context_window(self.models)
         self.shape: Shape | None = None
         self.caches: list[StaticCache] = []
+        self.allocated = 0  # the caches' columns: the shape's length, and a spare one (`_allocate`)
         self.owner: weakref.ref[Any] | None = None  # the StaticSource whose rows the caches hold
         self._column: int | None = None  # what every layer's write counter holds now
         self._column_t = torch.zeros(1, dtype=torch.long, device=self.device)  # the paired step's column
@@ -232,9 +266,13 @@ class StaticPool:
     # -- caches ----------------------------------------------------------------------------------
 
     def _allocate(self, shape: Shape) -> list[StaticCache]:
+        # Reading only the used columns, one spare column keeps them from ever spanning the whole
+        # cache: a slice that is the whole tensor would be a second graph (inductor's matmul tells
+        # the two apart).
+        self.allocated = shape.length + (1 if self.family.reads_used_columns else 0)
         caches = []
         for m in self.models:
-            cache = StaticCache(config=m.config, max_cache_len=shape.length)
+            cache = StaticCache(config=m.config, max_cache_len=self.allocated)
             heads, head_dim = _kv_shape(m)
             dtype = next(m.parameters()).dtype
             cache.early_initialization(shape.rows, heads, head_dim, dtype, self.device)
@@ -285,10 +323,14 @@ class StaticPool:
     def step(
         self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, column: int
     ) -> list[torch.Tensor]:
-        """One decode step of the current shape: `tokens` [b, 1], `mask` [b, L], `positions` [b, 1];
-        the new K/V go to column `column` of every slot."""
+        """One decode step of the current shape: `tokens` [b, 1], `mask` [b, U] over the used
+        columns [0, U), `positions` [b, 1]; the new K/V go to column `column` (< U) of every slot."""
         family = self.family
         family.check()
+        if not family.reads_used_columns:  # the mask spans the whole cache
+            full = mask.new_zeros((mask.shape[0], self.allocated))
+            full[:, : mask.shape[1]] = mask
+            mask = full
         if family.paired is not None:
             self._column_t.fill_(column)
         elif column != self._column:
@@ -376,11 +418,11 @@ class StaticSource:
         shape = self._shape(n, width)
         if shape != self.pool.shape:
             self.pool.reshape(shape, torch.arange(n, device=self.device), self.columns)
-        b, length = shape.rows, shape.length
+        b = shape.rows
         step_tokens = torch.zeros((b, 1), dtype=tokens.dtype, device=self.device)
         step_tokens[:n] = tokens
-        mask = torch.zeros((b, length), dtype=attention_mask.dtype, device=self.device)
-        mask[:n, :width] = attention_mask
+        mask = torch.zeros((b, width), dtype=attention_mask.dtype, device=self.device)
+        mask[:n] = attention_mask
         mask[n:, width - 1] = 1  # a dummy slot attends to its own column: finite, and dropped
         positions = torch.zeros((b, 1), dtype=position_ids.dtype, device=self.device)
         positions[:n] = position_ids
@@ -442,14 +484,13 @@ class DecodeCompiler:
     `source(models, width)` is what a running batch's `make_source` becomes: a `StaticSource` on
     the models' pool, or a plain `ModelSource` where the models cannot use a static cache (why is
     kept in `refused`). `warm_up` compiles (and on a GPU records) every row bucket up to the
-    engine's batch bound before the server says it is ready.
+    engine's batch bound before the server says it is ready. `trusting`: the pools' paired
+    weights are checked after `lda.paired.may_change` only (see `Family`).
     """
 
-    def __init__(self, mode: str | None = None, dynamic: bool = True) -> None:
-        # Dynamo keeps graphs per code object: every pool's step is StaticPool._forward with its own
-        # models, a batch of 1 is its own graph, and past the default 8 it would run eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    def __init__(self, mode: str | None = None, dynamic: bool = True, trusting: bool = False) -> None:
         self.mode = mode
+        self.trusting = trusting
         self.dynamic = dynamic
         self.pools: dict[tuple[tuple[int, ...], int | None], StaticPool] = {}
         self.refused: dict[str, str] = {}
@@ -462,7 +503,9 @@ class DecodeCompiler:
             if why:
                 self.refused[" + ".join(type(m).__name__ for m in models)] = why
                 return None
-            self.pools[key] = StaticPool(models, width, compile=True, mode=self.mode, dynamic=self.dynamic)
+            self.pools[key] = StaticPool(
+                models, width, compile=True, mode=self.mode, dynamic=self.dynamic, trusting=self.trusting
+            )
         return self.pools[key]
 
     def source(self, models: Sequence[Any], width: int | None = None) -> Callable[[], Any]:
@@ -481,15 +524,15 @@ class DecodeCompiler:
             if pool is None:
                 continue
             for rows in row_buckets(max_rows):
-                pool.reshape(Shape(rows, length_bucket(1, pool.window)), None, 0)
-                mask = torch.zeros((rows, pool.shape.length), dtype=torch.long, device=pool.device)
-                mask[:, 0] = 1
+                pool.reshape(Shape(rows, length_bucket(2, pool.window)), None, 0)
+                # Two used columns (a size of 1 would be a graph of its own: dynamo specializes 0 and 1).
+                mask = torch.ones((rows, 2), dtype=torch.long, device=pool.device)
                 # Tokens and positions as two tensors: dynamo guards on aliasing, and a step never
                 # gets one tensor for both.
                 tokens = torch.zeros((rows, 1), dtype=torch.long, device=pool.device)
                 positions = torch.zeros((rows, 1), dtype=torch.long, device=pool.device)
                 for _ in range(2 if pool.family.graphs else 1):  # CUDA graphs record on a later call
-                    pool.step(tokens, mask, positions, 0)
+                    pool.step(tokens, mask, positions, 1)
         self.warm_up_seconds = round(time.perf_counter() - started, 2)
         return self.warm_up_seconds
 

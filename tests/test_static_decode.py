@@ -9,12 +9,14 @@ runs) and compiled (inductor's C++ kernels here; ~15 s per graph on 2 cores, so 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
-from lda import static
+from lda import paired, static
 from lda.decode import DecodeConfig, Row, RowFailed, RowOutput, RunningBatch, collect, decode
 from lda.sampling import SamplingParams
 from lda.source import ModelSource
@@ -22,7 +24,9 @@ from lda.static import DecodeCompiler, StaticPool, StaticSource, length_bucket, 
 from tests.test_api import wait_ready
 from tests.tiny import tiny_llama
 
+from app.engine import Engine
 from app.main import create_app
+from app.scheduler import BatchWork
 from app.settings import Settings
 
 PROMPTS = ["the sun is", "a cat", "rain falls on the moon and the", "x",
@@ -176,6 +180,49 @@ def test_the_paired_step_with_biases_follows_in_place_changes_and_survives_a_rep
     assert pool.paired is None
 
 
+def test_a_trusting_pool_checks_its_weights_after_may_change_only(tokenizer):
+    # The server's pools check the paired weights after each engine job (`lda.paired.may_change`),
+    # not before every step: a parameter replaced without it goes unseen, then is found.
+    after, before = tiny_llama(tokenizer, 13), tiny_llama(tokenizer, 14)
+    pool = StaticPool([after, before], compile=False, trusting=True)
+    reference = run(lambda: ModelSource(after, before), tokenizer)
+    same_outputs(reference, run(lambda: StaticSource(pool), tokenizer), after)
+    layer = after.model.layers[0].self_attn.o_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+    run(lambda: StaticSource(pool), tokenizer)
+    assert pool.paired is not None  # not checked: nothing said the models may have changed
+    paired.may_change()
+    same_outputs(run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after)
+    assert pool.paired is None
+
+
+def test_the_engine_calls_before_job_before_every_job_and_never_between_decode_steps(pair, tokenizer):
+    calls: list[int] = []
+    engine = Engine(queue_size=4, before_job=lambda: calls.append(1))
+    prompt = tuple(tokenizer("the sun is")["input_ids"])
+    config = DecodeConfig(12, SamplingParams(0.0), frozenset())
+    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+
+    def decoding(job):
+        outputs = yield BatchWork("pair", make, tokenizer, [Row(prompt, 1.0)], config)
+        return outputs[0].tokens_generated
+
+    async def both():
+        plain = await engine.run(lambda job: "done")
+        after_plain = len(calls)
+        generated = await engine.run(decoding)
+        return plain, after_plain, generated
+
+    engine.start()
+    try:
+        plain, after_plain, generated = asyncio.run(both())
+    finally:
+        engine.stop()
+    # The plain job once; the decoding job at its start (the call that makes its generator, then
+    # the generator's first piece) and when its rows are out, not at the 12 steps between.
+    assert (plain, after_plain, generated, len(calls)) == ("done", 1, 12, 4)
+
+
 def test_an_out_of_memory_step_fails_the_last_request_and_the_rest_decode_on(pair, tokenizer, monkeypatch):
     after, before = pair.after.model, pair.before.model
 
@@ -213,6 +260,12 @@ def test_the_compiled_step_decodes_the_same_and_never_recompiles_in_steady_state
     same_outputs(reference, got, after)
     got = run(compiler.source((after, before)), tokenizer)  # again: the pool's caches reused
     same_outputs(reference, got, after)
+    # Attention reads the used columns (a symbolic size): none of them may be a graph of its own,
+    # not a cache filled to its bucket's last column, nor a longer cache.
+    for rows, columns, length in ((2, 256, 256), (4, 4, 256), (1, 300, 512)):
+        pool.reshape(static.Shape(rows, length), None, 0)
+        tokens, positions = torch.ones((rows, 1), dtype=torch.long), torch.ones((rows, 1), dtype=torch.long)
+        pool.step(tokens, torch.ones((rows, columns), dtype=torch.long), positions, columns - 1)
     assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["recompiles"].values()) == recompiles
     assert compiler.info()["not_compiled"] == {}

@@ -216,7 +216,9 @@ def main() -> None:
     pool = None
     if args.compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        pool = StaticPool([after, before], pair.compatibility.shared_width, compile=True, mode=mode)
+        # Trusting, as the server's pools are: nothing here changes the models between steps.
+        width = pair.compatibility.shared_width
+        pool = StaticPool([after, before], width, compile=True, mode=mode, trusting=True)
 
     def lda_compiled(rows: int) -> list[tuple[int, ...]]:
         source = StaticSource(pool)
