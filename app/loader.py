@@ -65,8 +65,12 @@ def compiled_decode(pair: LDAModelPair, settings: Settings) -> None:
     # the only code that changes the models, not before every step.
     compiler = static.DecodeCompiler(mode="reduce-overhead" if on_cuda else None, trusting=True)
     static.use(compiler)
-    sets = [((pair.after.model, pair.before.model), pair.compatibility.shared_width)]
-    if not pair.compatibility.compatible:
-        sets = [((pair.after.model,), None)]
+    after, before, width = pair.after.model, pair.before.model, pair.compatibility.shared_width
+    # Everything that decodes on a static cache, so no request waits on a compile: each model
+    # alone (/generate, the OpenAI models; one graph serves both where they share a shape), and
+    # with a compatible pair, LDA and the null control (the before model, logits cut to the pair's).
+    sets = [((after,), None), ((before,), None)]
+    if pair.compatibility.compatible:
+        sets = [((after, before), width), *sets, ((before,), width)]
     seconds = compiler.warm_up(sets, settings.max_batch_rows)
     log.info("compiled decode warmed up in %.1f s: %s", seconds, compiler.info())

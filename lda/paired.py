@@ -184,6 +184,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _sdpa(
+    weights: PairedWeights, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=bias, scale=weights.scale, enable_gqa=weights.grouped
+    )
+
+
 def _attend(
     weights: PairedWeights, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
@@ -192,9 +200,7 @@ def _attend(
     arithmetic written out (two matmuls and a softmax in fp32), which the compiler fuses: the CPU
     SDPA kernel costs ~0.16 ms a call at one query, as much as a layer's weights take to read."""
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=bias, scale=weights.scale, enable_gqa=weights.grouped
-        )
+        return _sdpa(weights, q, keys, values, bias)
     rows, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.view(rows, kv_heads, heads // kv_heads, dim)  # query heads sharing a key head

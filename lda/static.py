@@ -497,7 +497,9 @@ class DecodeCompiler:
         self.warm_up_seconds: float | None = None
 
     def pool(self, models: Sequence[Any], width: int | None = None) -> StaticPool | None:
-        key = (tuple(id(m) for m in models), width)
+        # A width that keeps every logit is no width: one pool (and graph) for both.
+        full = min(logits_width(m) for m in models)
+        key = (tuple(id(m) for m in models), None if width is None or width >= full else width)
         if key not in self.pools:
             why = supports_static(models)
             if why:
@@ -540,6 +542,10 @@ class DecodeCompiler:
         compiles = {}
         for pool in self.pools.values():
             name = " + ".join(getattr(m.config, "_name_or_path", "") or type(m).__name__ for m in pool.models)
+            if pool.width < min(logits_width(m) for m in pool.models):
+                name += f" (logits [:{pool.width}])"
+            if name in compiles:  # two unnamed models of one class
+                name += f" #{sum(k.startswith(name) for k in compiles) + 1}"
             compiles[name] = {f"{r}x{length}": s for (r, length), s in sorted(pool.compile_seconds.items())}
         return {
             "warm_up_s": self.warm_up_seconds,

@@ -180,6 +180,22 @@ def test_the_paired_step_with_biases_follows_in_place_changes_and_survives_a_rep
     assert pool.paired is None
 
 
+def test_the_cuda_graph_layout_decodes_the_same(pair, tokenizer, monkeypatch):
+    # What a GPU runs, on the CPU: CUDA graphs replay fixed shapes, so the mask spans the whole
+    # cache (no spare column), outputs are copied out of the graph's buffers, and attention is
+    # SDPA with grouped heads over the whole cache. Eager here (no CUDA to record graphs on).
+    after, before = pair.after.model, pair.before.model
+    monkeypatch.setattr(paired, "_attend", paired._sdpa)
+    pool = StaticPool([after, before], compile=False)
+    pool.family.graphs = True
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    same_outputs(
+        run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after
+    )
+    assert not pool.family.reads_used_columns and pool.allocated == pool.shape.length and marks
+
+
 def test_a_trusting_pool_checks_its_weights_after_may_change_only(tokenizer):
     # The server's pools check the paired weights after each engine job (`lda.paired.may_change`),
     # not before every step: a parameter replaced without it goes unseen, then is found.
@@ -192,7 +208,9 @@ def test_a_trusting_pool_checks_its_weights_after_may_change_only(tokenizer):
     run(lambda: StaticSource(pool), tokenizer)
     assert pool.paired is not None  # not checked: nothing said the models may have changed
     paired.may_change()
-    same_outputs(run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after)
+    same_outputs(
+        run(lambda: ModelSource(after, before), tokenizer), run(lambda: StaticSource(pool), tokenizer), after
+    )
     assert pool.paired is None
 
 
@@ -201,7 +219,7 @@ def test_the_engine_calls_before_job_before_every_job_and_never_between_decode_s
     engine = Engine(queue_size=4, before_job=lambda: calls.append(1))
     prompt = tuple(tokenizer("the sun is")["input_ids"])
     config = DecodeConfig(12, SamplingParams(0.0), frozenset())
-    make = lambda: ModelSource(pair.after.model, pair.before.model)  # noqa: E731
+    make = lambda: ModelSource(pair.after.model, pair.before.model)
 
     def decoding(job):
         outputs = yield BatchWork("pair", make, tokenizer, [Row(prompt, 1.0)], config)
@@ -287,7 +305,11 @@ def test_a_server_with_compile_on_answers_as_with_compile_off(pair, tmp_path):
                 info = client.get("/info").json()["compile"]
                 assert info["setting"] == mode and info["enabled"] == (mode == "on")
                 if mode == "on":  # compiled before /ready: every bucket's first step is done
-                    assert info["warm_up_s"] > 0 and len(next(iter(info["first_step_s"].values()))) == 4
+                    steps = info["first_step_s"]
+                    # The pair, and each model alone (the null control's width is the before model's).
+                    assert info["warm_up_s"] > 0 and len(steps) == 3, steps
+                    assert all(len(buckets) == 4 for buckets in steps.values()), steps
+                    graphs = counters["stats"]["unique_graphs"]
                 answers[mode] = [client.post("/generate_lda", json=b).json() for b in bodies]
                 alone = {
                     "prompt": "a cat",
@@ -296,6 +318,8 @@ def test_a_server_with_compile_on_answers_as_with_compile_off(pair, tmp_path):
                     "apply_chat_template": False,
                 }
                 answers[mode].append(client.post("/generate", json=alone).json())  # each model alone
+                if mode == "on":  # no request waited on a compile
+                    assert counters["stats"]["unique_graphs"] == graphs
     finally:
         static.use(None)  # the process's other servers decode eagerly
     off, on = answers["off"], answers["on"]
