@@ -14,7 +14,10 @@ from app.main import create_app
 from app.settings import Settings
 
 
-def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+def wait_ready(client: TestClient, timeout: float | None = None) -> None:
+    if timeout is None:
+        # COMPILE=on compiles every decode shape before /ready: ~30-90 s on 2 cores, cold cache.
+        timeout = 600.0 if client.app.state.settings.compile == "on" else 60.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if client.get("/ready").status_code == 200:
