@@ -64,6 +64,11 @@ def length_bucket(columns: int, limit: int | None) -> int:
     return length if limit is None else max(min(length, limit), columns)
 
 
+def _full_width(models: Sequence[Any]) -> int:
+    """The logits every one of `models` has (a width at least this keeps them all)."""
+    return min(logits_width(m) for m in models)
+
+
 def _kv_shape(model: Any) -> tuple[int, int]:
     """(key/value heads, head dim) of a model's attention layers."""
     cfg = model.config.get_text_config(decoder=True)
@@ -158,7 +163,8 @@ class Family:
         if why:
             raise ValueError(f"no static cache: {why}")
         self.models = list(models)
-        self.width = width or min(logits_width(m) for m in self.models)
+        self.full_width = _full_width(self.models)
+        self.width = width or self.full_width
         self.compiled = compile
         self.graphs = compile and mode is not None and "reduce-overhead" in mode  # CUDA graphs
         self.options = {"dynamic": dynamic, "mode": mode}
@@ -498,8 +504,7 @@ class DecodeCompiler:
 
     def pool(self, models: Sequence[Any], width: int | None = None) -> StaticPool | None:
         # A width that keeps every logit is no width: one pool (and graph) for both.
-        full = min(logits_width(m) for m in models)
-        key = (tuple(id(m) for m in models), None if width is None or width >= full else width)
+        key = (tuple(id(m) for m in models), None if width is None or width >= _full_width(models) else width)
         if key not in self.pools:
             why = supports_static(models)
             if why:
@@ -542,10 +547,11 @@ class DecodeCompiler:
         compiles = {}
         for pool in self.pools.values():
             name = " + ".join(getattr(m.config, "_name_or_path", "") or type(m).__name__ for m in pool.models)
-            if pool.width < min(logits_width(m) for m in pool.models):
+            if pool.width < pool.family.full_width:
                 name += f" (logits [:{pool.width}])"
-            if name in compiles:  # two unnamed models of one class
-                name += f" #{sum(k.startswith(name) for k in compiles) + 1}"
+            base, k = name, 2
+            while name in compiles:  # two unnamed models of one class
+                name, k = f"{base} #{k}", k + 1
             compiles[name] = {f"{r}x{length}": s for (r, length), s in sorted(pool.compile_seconds.items())}
         return {
             "warm_up_s": self.warm_up_seconds,
